@@ -1,0 +1,3 @@
+"""commit-mllm: coordinated multimodal instruction tuning (CoMMIT)."""
+
+__version__ = "0.1.0"
