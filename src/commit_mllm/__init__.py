@@ -1,3 +1,72 @@
-"""commit-mllm: coordinated multimodal instruction tuning (CoMMIT)."""
+"""commit-mllm: coordinated multimodal instruction tuning (CoMMIT, arXiv 2407.20454).
+
+The core (this namespace) imports only torch: components, the balance meter (D_c, kappa),
+smoothing and diagnostics, the coordinated LR scheduler, the entropy regularizer, the
+strategies (CoMMIT and baselines) and the :class:`CoMMIT` facade for any PyTorch loop.
+Model assembly, data, the trainer and the CLI live in subpackages that need the ``hf`` extra.
+"""
+
+from .balance import (
+    BalanceMeasurement,
+    BalanceMeter,
+    CachedEncoderModel,
+    ForwardFn,
+    causal_lm_forward,
+    kl_sum,
+    select_rows,
+    supervised_mask,
+)
+from .components import (
+    Component,
+    ComponentError,
+    Components,
+    check_param_groups,
+    component_grad_norms,
+)
+from .coordinator import CoMMIT, StepReport
+from .diagnostics import BalanceState, BalanceTracker, imbalance, target_log_weights
+from .regularizer import EntropyRegularizer, mean_entropy
+from .scheduler import (
+    CONTROLS,
+    SCHEDULES,
+    CoordinatedLR,
+    FactorController,
+    project_log_factors,
+    shared_schedule,
+)
+from .strategies import STRATEGIES, CoMMITConfig, Strategy
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CONTROLS",
+    "SCHEDULES",
+    "STRATEGIES",
+    "BalanceMeasurement",
+    "BalanceMeter",
+    "BalanceState",
+    "BalanceTracker",
+    "CachedEncoderModel",
+    "CoMMIT",
+    "CoMMITConfig",
+    "Component",
+    "ComponentError",
+    "Components",
+    "CoordinatedLR",
+    "EntropyRegularizer",
+    "FactorController",
+    "ForwardFn",
+    "StepReport",
+    "Strategy",
+    "causal_lm_forward",
+    "check_param_groups",
+    "component_grad_norms",
+    "imbalance",
+    "kl_sum",
+    "mean_entropy",
+    "project_log_factors",
+    "select_rows",
+    "shared_schedule",
+    "supervised_mask",
+    "target_log_weights",
+]

@@ -1,0 +1,236 @@
+"""CoMMIT for any PyTorch loop: the meter, tracker, scheduler, regularizer and strategy wired.
+
+One training step, in order (METHOD.md, "Update significance" and "Coordinated scheduler")::
+
+    logits = commit.forward(batch)                 # training forward, [T, V] supervised logits
+    ce = F.cross_entropy(logits, targets)
+    aux = commit.aux_loss(logits)                  # -alpha w_t H (0 unless strategy=commit)
+    commit.backward(ce, aux)                       # (lagging_only needs its own backward)
+    grad_norms = commit.after_backward()           # CD gating / OGM-GE modulation
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    commit.before_step()                           # snapshot theta_t when kappa is due
+    optimizer.step()
+    report = commit.after_step()                   # kappa -> kappa_bar -> factors -> next LRs
+    optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .balance import BalanceMeasurement, BalanceMeter, ForwardFn
+from .components import Components, check_param_groups, component_grad_norms
+from .diagnostics import BalanceState, BalanceTracker
+from .regularizer import EntropyRegularizer
+from .scheduler import CoordinatedLR, FactorController
+from .strategies import CoMMITConfig, Strategy
+
+__all__ = ["CoMMIT", "StepReport"]
+
+
+@dataclass
+class StepReport:
+    """What one optimizer step did, for logging.
+
+    Attributes:
+        step: The step t that was taken.
+        lrs: Component -> learning rate used at step t.
+        factors: Component -> CoMMIT factor f_c after this step's update.
+        measurement: The balance estimate of step t, or None when not due.
+        balance: The smoothed state after this step.
+        grad_norms: Component -> ||g_c|| after backward (before gating and clipping).
+        grad_coeffs: Component -> gradient coefficient of the strategy (CD, OGM-GE).
+        aux_weight: w_t of the regularizer at this step.
+    """
+
+    step: int
+    lrs: dict[str, float]
+    factors: dict[str, float]
+    measurement: BalanceMeasurement | None
+    balance: BalanceState
+    grad_norms: dict[str, float] = field(default_factory=dict)
+    grad_coeffs: dict[str, float] = field(default_factory=dict)
+    aux_weight: float = 0.0
+
+    def as_log(self) -> dict[str, Any]:
+        """Flat ``{key: scalar or str}`` record (``kappa``, ``D/<c>``, ``lr/<c>`` ...)."""
+        m, b = self.measurement, self.balance
+        rec: dict[str, Any] = {
+            "step": self.step,
+            "kappa_bar": b.kappa_bar,
+            "state": b.state,
+            "bias_index": b.bias_index,
+            "oscillation_index": b.oscillation_index,
+            "flip_rate": b.flip_rate,
+            "collapse": b.collapse,
+            "aux_weight": self.aux_weight,
+        }
+        rec.update({f"lr/{c}": v for c, v in self.lrs.items()})
+        rec.update({f"factor/{c}": v for c, v in self.factors.items()})
+        rec.update({f"grad_norm/{c}": v for c, v in self.grad_norms.items()})
+        rec.update({f"grad_coeff/{c}": v for c, v in self.grad_coeffs.items()})
+        if m is not None:
+            rec["kappa"] = m.kappa
+            rec["tokens"] = m.tokens
+            rec.update({f"D/{c}": v for c, v in m.D.items()})
+            rec.update({f"kappa_c/{c}": v for c, v in m.kappa_c.items()})
+            rec.update({f"share/{c}": v for c, v in m.shares.items()})
+            rec.update({f"update_norm/{c}": v for c, v in m.update_norms.items()})
+            rec.update({f"flag/{c}": v for c, v in m.flags.items()})
+        return rec
+
+
+class CoMMIT:
+    """Coordinated multimodal instruction tuning for a plain PyTorch loop.
+
+    Args:
+        model: The model (ideally a :class:`~commit_mllm.balance.CachedEncoderModel`).
+        optimizer: Built from ``components.param_groups()`` (checked).
+        components: The model's components.
+        config: The method's settings (strategy by name).
+        total_steps: Optimizer steps of the run (for the shared schedule).
+        warmup_steps: Warmup steps of the shared schedule.
+        schedule: ``cosine``, ``linear`` or ``constant``.
+        min_lr_ratio: Floor of the decay.
+        forward_fn: ``forward_fn(model, batch) -> [T, V]`` supervised logits; default: the
+            model's encode/decode, else ``model(**batch).logits`` at supervised positions.
+        autocast: Context-manager factory of the training forward (reused by the meter).
+        all_reduce: In-place SUM all-reduce for multi-process training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        components: Components,
+        config: CoMMITConfig | None = None,
+        *,
+        total_steps: int,
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        forward_fn: ForwardFn | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        all_reduce: Callable[[torch.Tensor], Any] | None = None,
+    ):
+        check_param_groups(optimizer, components)
+        cfg = config or CoMMITConfig()
+        self.config, self.model, self.optimizer, self.components = cfg, model, optimizer, components
+        self.meter = BalanceMeter(
+            model,
+            components,
+            forward_fn,
+            every=cfg.every,
+            rows=cfg.rows,
+            autocast=autocast,
+            dropout=cfg.dropout,
+            kl_dtype=getattr(torch, cfg.kl_dtype),
+            all_reduce=all_reduce,
+        )
+        self.tracker = BalanceTracker(
+            components.names,
+            self.meter.pair,
+            window=cfg.window,
+            span=cfg.span,
+            kappa_target=cfg.kappa_target,
+            component_targets=cfg.component_targets,
+            bias_threshold=cfg.bias_threshold,
+            oscillation_threshold=cfg.oscillation_threshold,
+            flip_threshold=cfg.flip_threshold,
+            collapse_log_kappa=cfg.collapse_log_kappa,
+        )
+        controller = FactorController(
+            [c.name for c in components.trainable],
+            cfg.effective_control,
+            gamma=cfg.gamma,
+            max_factor=cfg.max_factor,
+            factor_caps=cfg.factor_caps,
+            min_estimates=cfg.window,
+            replay=cfg.replay,
+        )
+        self.scheduler = CoordinatedLR(
+            optimizer, total_steps, warmup_steps, schedule, min_lr_ratio, controller, cfg.hold_steps
+        )
+        self.regularizer = EntropyRegularizer(cfg.effective_alpha, cfg.tau, cfg.lagging_only)
+        self.strategy = Strategy(cfg, components)
+        self.step = 0
+        self._grad_norms: dict[str, float] = {}
+        self._coeffs: dict[str, float] = {}
+        self._aux_weight = 0.0
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Training forward through the meter; returns [T, V] supervised logits."""
+        return self.meter.forward(batch)
+
+    def aux_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """The regularizer term for this step's logits (0 unless the strategy uses it)."""
+        bias = self.tracker.state.bias_index if self.tracker.estimates else 0.0
+        self._aux_weight = self.regularizer.weight(bias) if self.regularizer.enabled else 0.0
+        return self.regularizer.loss(logits, bias)
+
+    def backward(self, ce: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> None:
+        """Backward of ce + aux (aux reaches only the lagging component with lagging_only)."""
+        lagging = None
+        if self.regularizer.lagging_only and self.tracker.z_bar:
+            z = self.tracker.z_bar
+            lagging = self.components[min(z, key=z.get)].params
+        self.regularizer.backward(ce, aux, lagging, scale)
+
+    def after_backward(self) -> dict[str, float]:
+        """Record per-component gradient norms, then apply CD gating / OGM-GE modulation.
+
+        Returns:
+            Component -> ||g_c||_2 before the strategy touched the gradients.
+        """
+        self._grad_norms = component_grad_norms(self.components)
+        self._coeffs = self.strategy.apply(self.step, self.tracker.z_bar)
+        return self._grad_norms
+
+    def before_step(self) -> None:
+        """Snapshot theta_t when kappa is due this step (call right before optimizer.step)."""
+        self.meter.snapshot(self.step)
+
+    def after_step(self) -> StepReport:
+        """Measure kappa, update the tracker and factors, apply the next step's rates."""
+        lrs = self.scheduler.get_last_lr()
+        m = self.meter.measure(self.step)
+        if m is not None:
+            state = self.tracker.update(m)
+            if self.tracker.last_z is not None:
+                self.scheduler.observe(self.tracker.last_z, state.z_bar, self.tracker.estimates)
+        report = StepReport(
+            self.step,
+            lrs,
+            self.scheduler.controller.factors,
+            m,
+            self.tracker.state,
+            self._grad_norms,
+            self._coeffs,
+            self._aux_weight,
+        )
+        self.scheduler.step()
+        self.step += 1
+        return report
+
+    def state_dict(self) -> dict:
+        """Balance state to checkpoint: step, tracker window, factors, strategy RNG."""
+        return {
+            "step": self.step,
+            "tracker": self.tracker.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned (rates of the next step re-applied)."""
+        self.step = int(state["step"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["strategy"])

@@ -1,0 +1,253 @@
+"""Strategies: CoMMIT, its variant and the baselines behind one interface, chosen by name.
+
+METHOD.md, "Coordinated scheduler", "Auxiliary regularization" and "Baselines":
+
+==============  ===================================================================
+``constant``    fixed eta_enc, eta_llm (any ratio) with the shared schedule
+``commit_clr``  the coordinated scheduler only (integral control by default)
+``commit``      the coordinated scheduler + the imbalance-weighted entropy bonus
+``feature_cd``  coordinate descent: blocks of B steps updating only one side, the
+                feature (non-LLM) block first; the other side's optimizer state untouched
+``language_cd`` the same with the LLM block first
+``ogm_ge``      on-the-fly gradient modulation: g_c <- k_c g_c (+ Gaussian noise when
+                k_c < 1), k_c = 1 - tanh(rho * max(0, log kappa_bar_c - log kappa*_c))
+``replay``      factors f(t) recorded in an earlier run, applied open loop
+==============  ===================================================================
+
+Every strategy measures kappa the same way, so all can be compared on one plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .components import Components
+
+__all__ = ["STRATEGIES", "CoMMITConfig", "Strategy"]
+
+STRATEGIES = ("commit", "commit_clr", "constant", "feature_cd", "language_cd", "ogm_ge", "replay")
+_CONTROLLED = ("commit", "commit_clr")
+
+
+@dataclass
+class CoMMITConfig:
+    """Every setting of the method (METHOD.md symbols in brackets).
+
+    Attributes:
+        strategy: One of :data:`STRATEGIES`.
+        every: [K] estimate kappa every K steps.
+        rows: Measure on the first rows only: int rows or a fraction in (0, 1]; None = all.
+        dropout: ``replay`` (same dropout masks in every branch) or ``off`` (eval mode).
+        kl_dtype: ``float64`` or ``float32`` for log-softmax and KL.
+        window: [N] smoothing window; also the number of estimates before any adjustment.
+        span: Smoothed values used by the oscillation index (default 5 N).
+        kappa_target: Target of kappa = D_llm / D_encoder.
+        component_targets: Relative targets of D_c for n components.
+        bias_threshold: Bias index (log units) above which the state is biased.
+        oscillation_threshold: Std of the smoothed imbalance for "oscillating".
+        flip_threshold: Sign-flip rate of the smoothed imbalance for "oscillating".
+        collapse_log_kappa: log kappa_bar above which collapse onto the language prior is
+            reported.
+        control: ``integral`` or ``proportional`` for the CoMMIT strategies.
+        gamma: [gamma] controller gain.
+        max_factor: [m] factors stay in [1/m, m].
+        factor_caps: Tighter cap per component.
+        hold_steps: Steps without adjustment after warmup starts (fresh projector fitting).
+        alpha: [alpha] regularizer strength; None = 0.1 for ``commit``, 0 otherwise.
+        tau: [tau] imbalance at which the regularizer weight saturates.
+        lagging_only: Regularizer gradient only to the lagging component.
+        llm_component: Name of the language-model component (coordinate descent, OGM-GE).
+        cd_named_steps: [B_named] block length of the component a CD strategy is named for.
+        cd_other_steps: [B_other] block length of the other side (<= B_named).
+        ogm_rho: [rho] OGM-GE modulation strength.
+        ogm_noise: Add Gaussian noise (std of the gradient) to modulated gradients.
+        replay: For ``replay``: step -> {component: factor}.
+        seed: Seed of the strategy's own random generator (OGM-GE noise).
+    """
+
+    strategy: str = "commit"
+    every: int = 1
+    rows: float | int | None = None
+    dropout: str = "replay"
+    kl_dtype: str = "float64"
+    window: int = 20
+    span: int | None = None
+    kappa_target: float = 1.0
+    component_targets: dict[str, float] | None = None
+    bias_threshold: float = math.log(3.0)
+    oscillation_threshold: float = 1.0
+    flip_threshold: float = 0.05
+    collapse_log_kappa: float = 5.0
+    control: str = "integral"
+    gamma: float = 0.02
+    max_factor: float = 10.0
+    factor_caps: dict[str, float] = field(default_factory=dict)
+    hold_steps: int = 0
+    alpha: float | None = None
+    tau: float = 10.0
+    lagging_only: bool = False
+    llm_component: str = "llm"
+    cd_named_steps: int = 10
+    cd_other_steps: int = 10
+    ogm_rho: float = 1.0
+    ogm_noise: bool = True
+    replay: dict[int, dict[str, float]] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every setting; the error names the key and what is allowed."""
+        checks = [
+            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            ("every", isinstance(self.every, int) and self.every >= 1, "an integer >= 1"),
+            ("dropout", self.dropout in ("replay", "off"), "'replay' or 'off'"),
+            ("kl_dtype", self.kl_dtype in ("float64", "float32"), "'float64' or 'float32'"),
+            ("window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1"),
+            ("kappa_target", self.kappa_target > 0, "a number > 0"),
+            ("control", self.control in ("integral", "proportional"), "integral, proportional"),
+            ("gamma", self.gamma >= 0, "a number >= 0"),
+            ("max_factor", self.max_factor >= 1, "a number >= 1"),
+            ("hold_steps", self.hold_steps >= 0, "an integer >= 0"),
+            ("alpha", self.alpha is None or self.alpha >= 0, "a number >= 0"),
+            ("tau", self.tau > 1, "a number > 1"),
+            ("cd_named_steps", self.cd_named_steps >= 1, "an integer >= 1"),
+            (
+                "cd_other_steps",
+                1 <= self.cd_other_steps <= self.cd_named_steps,
+                "an integer in [1, cd_named_steps]",
+            ),
+            ("ogm_rho", self.ogm_rho >= 0, "a number >= 0"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"commit.{key} = {getattr(self, key)!r} is invalid: use {allowed}")
+        rows = self.rows
+        if rows is not None and not (
+            (isinstance(rows, int) and rows >= 1) or (isinstance(rows, float) and 0 < rows <= 1)
+        ):
+            raise ValueError(f"commit.rows = {rows!r} is invalid: use an int >= 1 or (0, 1]")
+        if self.strategy == "commit_clr" and self.alpha:
+            raise ValueError(
+                "commit.alpha > 0 with strategy commit_clr: commit_clr is CoMMIT without the "
+                "regularizer; use strategy=commit"
+            )
+        if self.strategy == "replay" and not self.replay:
+            raise ValueError("strategy 'replay' needs commit.replay (step -> factors)")
+
+    @property
+    def effective_alpha(self) -> float:
+        """The regularizer strength this strategy uses."""
+        if self.strategy != "commit":
+            return 0.0
+        return 0.1 if self.alpha is None else self.alpha
+
+    @property
+    def effective_control(self) -> str:
+        """The factor control this strategy uses (``none`` for the baselines)."""
+        if self.strategy in _CONTROLLED:
+            return self.control
+        return "replay" if self.strategy == "replay" else "none"
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (for logs and checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+class Strategy:
+    """The gradient-side behaviour of a strategy: coordinate-descent gating, OGM-GE.
+
+    The LR side lives in :class:`~commit_mllm.scheduler.FactorController` and the loss side
+    in :class:`~commit_mllm.regularizer.EntropyRegularizer`; this class only touches
+    gradients, between backward and clipping.
+
+    Args:
+        config: The settings.
+        components: The model's components.
+    """
+
+    def __init__(self, config: CoMMITConfig, components: Components):
+        self.config, self.components = config, components
+        self.name = config.strategy
+        self.blocks: list[tuple[list[str], int]] = []
+        if self.name in ("feature_cd", "language_cd"):
+            self.blocks = self._cd_blocks()
+        self.generator: torch.Generator | None = None
+        if self.name == "ogm_ge" and config.ogm_noise:
+            self.generator = torch.Generator().manual_seed(config.seed)
+
+    def _cd_blocks(self) -> list[tuple[list[str], int]]:
+        llm = self.config.llm_component
+        if llm not in self.components:
+            raise ValueError(
+                f"commit.llm_component = {llm!r} is not a component; components: "
+                f"{self.components.names}"
+            )
+        features = [n for n in self.components.names if n != llm]
+        named, other = (features, [llm]) if self.name == "feature_cd" else ([llm], features)
+        return [(named, self.config.cd_named_steps), (other, self.config.cd_other_steps)]
+
+    def active(self, step: int) -> list[str]:
+        """Components whose parameters update at ``step`` (all but during CD)."""
+        if not self.blocks:
+            return self.components.names
+        period = sum(n for _, n in self.blocks)
+        pos = step % period
+        for names, length in self.blocks:
+            if pos < length:
+                return names
+            pos -= length
+        raise AssertionError("unreachable")
+
+    @torch.no_grad()
+    def apply(self, step: int, z_bar: Mapping[str, float]) -> dict[str, float]:
+        """Gate (CD) or modulate (OGM-GE) the gradients of ``step`` in place.
+
+        Args:
+            step: Optimizer step.
+            z_bar: Component -> windowed imbalance z_c (from the tracker; may be empty).
+
+        Returns:
+            Component -> gradient coefficient applied (1 = untouched, 0 = gated off).
+        """
+        coeffs = {n: 1.0 for n in self.components.names}
+        if self.blocks:
+            active = set(self.active(step))
+            for c in self.components:
+                if c.name not in active:
+                    coeffs[c.name] = 0.0
+                    # grad None: torch optimizers skip the parameter, its state untouched.
+                    for p in c.params:
+                        p.grad = None
+        elif self.name == "ogm_ge":
+            for c in self.components:
+                k = 1.0 - math.tanh(self.config.ogm_rho * max(0.0, z_bar.get(c.name, 0.0) / 2))
+                coeffs[c.name] = k
+                if k < 1.0:
+                    self._modulate(c.params, k)
+        return coeffs
+
+    def _modulate(self, params, k: float) -> None:
+        for p in params:
+            if p.grad is None:
+                continue
+            std = float(p.grad.float().std()) if p.grad.numel() > 1 else 0.0
+            p.grad.mul_(k)
+            if self.generator is not None and std > 0:
+                noise = torch.randn(p.grad.shape, generator=self.generator, dtype=torch.float32)
+                p.grad.add_(noise.to(p.grad.device, p.grad.dtype), alpha=std)
+
+    def state_dict(self) -> dict:
+        """The noise generator's state (OGM-GE)."""
+        return {"generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
