@@ -1,0 +1,106 @@
+"""Built-in tasks: ``easy-vqa`` (vision) and ``tones-aqa`` (audio), behind one registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from commit_mllm.tasks import easy_vqa, tones_aqa
+
+TASKS = ("easy-vqa", "tones-aqa")
+"""Names accepted by :func:`load_task`."""
+MODALITY = {"easy-vqa": "image", "tones-aqa": "audio"}
+"""The input modality of each task."""
+
+
+def _check(name: str) -> None:
+    """Raise a clear error for an unknown task name."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+
+
+def load_task(
+    name: str,
+    split: str = "train",
+    seed: int = 0,
+    max_samples: int | None = None,
+    question_types: Sequence[str] | str | None = None,
+    **kwargs: Any,
+) -> Sequence[dict[str, Any]]:
+    """Load the samples of a built-in task.
+
+    Args:
+        name: ``"easy-vqa"`` or ``"tones-aqa"``.
+        split: ``"train"`` or ``"test"``.
+        seed: Subsampling seed (easy-vqa) or generator seed (tones-aqa).
+        max_samples: Cap on the number of samples; ``None`` = whole split.
+        question_types: Keep only these question types; ``None`` = the full mix.
+        **kwargs: Task-specific options (tones-aqa: ``size``).
+
+    Returns:
+        A sequence of samples (easy-vqa: a list; tones-aqa: a ``torch`` Dataset whose clips
+        are synthesized on access). Both support ``len`` and indexing.
+    """
+    _check(name)
+    if name == "easy-vqa":
+        return easy_vqa.load_easy_vqa(split, seed, max_samples, question_types, **kwargs)
+    return tones_aqa.load_tones_aqa(
+        split, seed, max_samples, question_types=question_types, **kwargs
+    )
+
+
+def task_texts(name: str) -> Iterator[str]:
+    """All question and answer texts of a task (no placeholders).
+
+    Use them to train the tiny tokenizer and to pretrain a tiny language model.
+
+    Args:
+        name: Task name, or ``"all"`` for every task.
+
+    Yields:
+        Question and answer strings.
+    """
+    if name == "all":
+        for task in TASKS:
+            yield from task_texts(task)
+        return
+    _check(name)
+    yield from (easy_vqa.texts() if name == "easy-vqa" else tones_aqa.texts())
+
+
+def task_answers(name: str) -> list[str]:
+    """The closed answer set of a task.
+
+    Args:
+        name: Task name.
+
+    Returns:
+        Sorted possible answers.
+    """
+    _check(name)
+    if name == "easy-vqa":
+        return sorted(easy_vqa.answers())
+    return sorted({a for answers in tones_aqa.ANSWERS.values() for a in answers})
+
+
+def task_question_types(name: str) -> tuple[str, ...]:
+    """The question types of a task.
+
+    Args:
+        name: Task name.
+
+    Returns:
+        The task's question types in a fixed order.
+    """
+    _check(name)
+    return easy_vqa.QUESTION_TYPES if name == "easy-vqa" else tones_aqa.QUESTION_TYPES
+
+
+__all__ = [
+    "MODALITY",
+    "TASKS",
+    "load_task",
+    "task_answers",
+    "task_question_types",
+    "task_texts",
+]
