@@ -321,24 +321,31 @@ class BalanceMeter:
         return step % self.every == 0
 
     # ---- training forward -------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, Any], via: nn.Module | None = None) -> torch.Tensor:
         """The training forward; keeps what the lookahead branches need.
 
         Call it inside the training autocast. With gradient accumulation the last call
         before the optimizer step is the micro-batch that gets measured.
 
+        Args:
+            batch: The micro-batch.
+            via: A wrapper of the model to run the training forward through (e.g. DDP,
+                whose forward must run for gradient synchronisation). It gets
+                ``forward_fn(via, batch)``; no encoder features are cached then.
+
         Returns:
             [T, V] logits at the supervised positions, with grad.
         """
         rng_start = _rng_state()
-        if self.cached:
+        if self.cached and via is None:
             features = self.model.encode(batch)
             rng_decode = _rng_state()
             logits = self.model.decode(batch, features)
             features = _detach(features)
         else:
             features, rng_decode = None, None
-            logits = self.forward_fn(self.model, batch)
+            fn = self.forward_fn if via is None or not self.cached else causal_lm_forward
+            logits = fn(via or self.model, batch)
         self._ref = _Reference(logits.detach(), batch, features, rng_start, rng_decode)
         return logits
 

@@ -164,9 +164,14 @@ class CoMMIT:
         self._coeffs: dict[str, float] = {}
         self._aux_weight = 0.0
 
-    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Training forward through the meter; returns [T, V] supervised logits."""
-        return self.meter.forward(batch)
+    def forward(self, batch: Mapping[str, Any], via: nn.Module | None = None) -> torch.Tensor:
+        """Training forward through the meter; returns [T, V] supervised logits.
+
+        Args:
+            batch: The micro-batch.
+            via: Optional wrapper (DDP) to run the forward through (see the meter).
+        """
+        return self.meter.forward(batch, via)
 
     def aux_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """The regularizer term for this step's logits (0 unless the strategy uses it)."""
@@ -174,13 +179,26 @@ class CoMMIT:
         self._aux_weight = self.regularizer.weight(bias) if self.regularizer.enabled else 0.0
         return self.regularizer.loss(logits, bias)
 
-    def backward(self, ce: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> None:
-        """Backward of ce + aux (aux reaches only the lagging component with lagging_only)."""
+    def backward(
+        self,
+        ce: torch.Tensor,
+        aux: torch.Tensor,
+        scale: float = 1.0,
+        backward_fn: Callable[..., None] | None = None,
+    ) -> None:
+        """Backward of ce + aux (aux reaches only the lagging component with lagging_only).
+
+        Args:
+            ce: Task loss.
+            aux: Regularizer term from :meth:`aux_loss`.
+            scale: Multiplier (1 / gradient-accumulation steps).
+            backward_fn: E.g. ``accelerator.backward`` (fp16 loss scaling).
+        """
         lagging = None
         if self.regularizer.lagging_only and self.tracker.z_bar:
             z = self.tracker.z_bar
             lagging = self.components[min(z, key=z.get)].params
-        self.regularizer.backward(ce, aux, lagging, scale)
+        self.regularizer.backward(ce, aux, lagging, scale, backward_fn)
 
     def after_backward(self) -> dict[str, float]:
         """Record per-component gradient norms, then apply CD gating / OGM-GE modulation.

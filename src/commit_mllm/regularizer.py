@@ -18,7 +18,7 @@ Symbols -> variables: alpha -> ``alpha``; tau -> ``tau``; w_t -> :meth:`EntropyR
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +87,7 @@ class EntropyRegularizer:
         aux: torch.Tensor,
         lagging: Sequence[nn.Parameter] | None = None,
         scale: float = 1.0,
+        backward_fn: Callable[..., None] | None = None,
     ) -> None:
         """Backward of CE + aux; with ``lagging_only`` aux reaches only ``lagging``.
 
@@ -95,11 +96,14 @@ class EntropyRegularizer:
             aux: The value of :meth:`loss`.
             lagging: Parameters of the lagging component (required with ``lagging_only``).
             scale: Multiplier of both terms (e.g. 1 / gradient-accumulation steps).
+            backward_fn: ``backward_fn(loss, **kwargs)`` instead of ``loss.backward()``
+                (e.g. ``accelerator.backward``, which applies fp16 loss scaling).
         """
+        backward_fn = backward_fn or (lambda loss, **kw: loss.backward(**kw))
         if not (self.lagging_only and aux.requires_grad and lagging):
-            ((ce + aux) * scale).backward()
+            backward_fn((ce + aux) * scale)
             return
-        (ce * scale).backward(retain_graph=True)
+        backward_fn(ce * scale, retain_graph=True)
         grads = torch.autograd.grad(aux * scale, list(lagging), allow_unused=True)
         for p, g in zip(lagging, grads):
             if g is None:

@@ -72,7 +72,7 @@ class CoMMITConfig:
 
     strategy: str = "commit"
     every: int = 1
-    rows: float | int | None = None
+    rows: int | float | None = None
     dropout: str = "replay"
     kl_dtype: str = "float64"
     window: int = 20

@@ -1,0 +1,228 @@
+"""Build everything a run needs from its config: tokenizer, processor, model, data, components.
+
+The same code path serves hub ids, local folders and the tiny presets: a preset only fills
+in the :class:`~commit_mllm.models.MLLMConfig` (configs for ``tiny-random``, cached local
+folders for ``tiny-pretrained``), then the ordinary builders run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .components import Components
+from .config import RunConfig
+from .data import Collator, load_llava, train_tiny_tokenizer
+from .models import MultimodalLM, component_prefixes
+from .models.mllm import AudioEncoderConfig, LLMConfig, MLLMConfig, VisionEncoderConfig
+from .tasks import MODALITY, load_task, task_question_types, task_texts
+
+__all__ = ["Assembly", "assemble", "build_components", "tiny_random_mllm"]
+
+logger = logging.getLogger(__name__)
+
+TINY_LLM = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+TINY_CLIP = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "patch_size": 16,
+}
+TINY_WHISPER = {
+    "model_type": "whisper",
+    "d_model": 64,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 4,
+    "decoder_ffn_dim": 128,
+    "num_mel_bins": 80,
+    "max_source_positions": 100,
+}
+
+
+@dataclass
+class Assembly:
+    """What a run is made of.
+
+    Attributes:
+        model: The multimodal model.
+        tokenizer: Its tokenizer.
+        collator: Turns samples into batches (training and generation).
+        train_set: Training samples (indexable).
+        eval_set: Evaluation samples, or None.
+        components: Trainable parameters split into components, with base LRs.
+        question_types: Question types of the built-in task (empty for files).
+    """
+
+    model: MultimodalLM
+    tokenizer: Any
+    collator: Collator
+    train_set: Sequence[dict]
+    eval_set: Sequence[dict] | None
+    components: Components
+    question_types: tuple[str, ...] = ()
+
+
+def _modality(cfg: RunConfig) -> str:
+    if cfg.data.task is not None:
+        return MODALITY[cfg.data.task]
+    return "audio" if cfg.model.mllm.audio is not None else "image"
+
+
+def tiny_random_mllm(modality: str, image_size: int = 64) -> MLLMConfig:
+    """A tiny MLLM from configs (random weights): 2 layers, hidden 64.
+
+    Args:
+        modality: ``image`` (CLIP vision) or ``audio`` (Whisper encoder).
+        image_size: Image side for the vision encoder.
+    """
+    cfg = MLLMConfig(llm=LLMConfig(config=dict(TINY_LLM)))
+    if modality == "image":
+        cfg.vision = VisionEncoderConfig(config={**TINY_CLIP, "image_size": image_size})
+    else:
+        cfg.audio = AudioEncoderConfig(config=dict(TINY_WHISPER))
+    return cfg
+
+
+def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Path]:
+    from .pretrain import prepare_tiny_parts
+
+    task = cfg.data.task or ("tones-aqa" if modality == "audio" else "easy-vqa")
+    folder = prepare_tiny_parts(task, cfg.run.cache_dir, seed=0)
+    mcfg = MLLMConfig(llm=LLMConfig(name_or_path=str(folder / "llm")))
+    if modality == "image":
+        mcfg.vision = VisionEncoderConfig(name_or_path=str(folder / "encoder"))
+    else:
+        mcfg.audio = AudioEncoderConfig(name_or_path=str(folder / "encoder"))
+    return mcfg, folder
+
+
+def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any]:
+    """The MLLM config and tokenizer of the run (filled in for presets)."""
+    from transformers import AutoTokenizer
+
+    user = cfg.model.mllm
+    if cfg.model.preset == "tiny-random":
+        base = tiny_random_mllm(modality, cfg.model.image_size)
+        tokenizer = train_tiny_tokenizer(task_texts("all"))
+    elif cfg.model.preset == "tiny-pretrained":
+        base, folder = _tiny_pretrained_mllm(cfg, modality)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    else:
+        base = copy.deepcopy(user)
+        name = cfg.model.tokenizer or base.llm.name_or_path
+        if name is None:
+            raise ValueError(
+                "model.tokenizer: give a tokenizer when the LLM is built from a config"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        return base, tokenizer
+    # A preset fills the parts; the user's freezing, LoRA and projectors still apply.
+    base.vision_projector, base.audio_projector = user.vision_projector, user.audio_projector
+    for part in ("llm", "vision", "audio"):
+        mine, theirs = getattr(base, part), getattr(user, part)
+        if mine is not None and theirs is not None:
+            mine.freeze, mine.lora, mine.dtype = theirs.freeze, theirs.lora, theirs.dtype
+    return base, tokenizer
+
+
+def _processors(cfg: RunConfig, mcfg: MLLMConfig, modality: str) -> tuple[Any, Any]:
+    import transformers
+    from transformers import AutoImageProcessor, WhisperFeatureExtractor
+
+    # The PIL processor: torchvision (the default backend) is often not installed.
+    clip_processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+
+    if modality == "audio":
+        name = cfg.model.processor or (mcfg.audio.name_or_path if mcfg.audio else None)
+        if cfg.model.preset != "none" or name is None:
+            return None, WhisperFeatureExtractor(feature_size=80)
+        return None, WhisperFeatureExtractor.from_pretrained(name)
+    name = cfg.model.processor or (mcfg.vision.name_or_path if mcfg.vision else None)
+    if cfg.model.preset != "none" or name is None:
+        size = cfg.model.image_size
+        return (
+            clip_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            None,
+        )
+    return AutoImageProcessor.from_pretrained(name), None
+
+
+def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tuple[str, ...]]:
+    d = cfg.data
+    if d.task is not None:
+        kw = {"seed": cfg.run.seed, "question_types": d.question_types}
+        train = load_task(d.task, "train", max_samples=d.max_train_samples, **kw)
+        test = load_task(d.task, "test", max_samples=d.max_eval_samples, **kw)
+        return train, test, tuple(task_question_types(d.task))
+    train = load_llava(d.train_file, media_root=d.media_root)
+    test = load_llava(d.eval_file, media_root=d.media_root) if d.eval_file else None
+    if d.max_train_samples is not None:
+        train = [train[i] for i in range(min(len(train), d.max_train_samples))]
+    if test is not None and d.max_eval_samples is not None:
+        test = [test[i] for i in range(min(len(test), d.max_eval_samples))]
+    return train, test, ()
+
+
+def build_components(model: torch.nn.Module, cfg: RunConfig) -> Components:
+    """Split the model's trainable parameters into components with their base LRs.
+
+    Prefixes come from ``cfg.components`` or from the model's layout and
+    ``cfg.projector_side``; LRs from ``train.component_lrs``, then ``encoder_lr`` /
+    ``projector_lr`` / ``llm_lr``, then ``train.lr``.
+    """
+    patterns = cfg.components or component_prefixes(model, cfg.projector_side)
+    t = cfg.train
+    named = {"encoder": t.encoder_lr, "projector": t.projector_lr, "llm": t.llm_lr}
+    lrs = {}
+    for name in patterns:
+        lr = t.component_lrs.get(name, named.get(name))
+        lrs[name] = t.lr if lr is None else lr
+    unknown = sorted(set(t.component_lrs) - set(patterns))
+    if unknown:
+        raise ValueError(
+            f"train.component_lrs names unknown components {unknown}; components: {list(patterns)}"
+        )
+    return Components.from_model(
+        model, patterns, lrs, {n: t.weight_decay for n in patterns} if t.weight_decay else None
+    )
+
+
+def assemble(cfg: RunConfig, log: Callable[[str], None] = logger.info) -> Assembly:
+    """Build tokenizer, processors, collator, model (seeded), datasets and components."""
+    modality = _modality(cfg)
+    mcfg, tokenizer = _preset(cfg, modality)
+    image_processor, feature_extractor = _processors(cfg, mcfg, modality)
+    collator = Collator(
+        tokenizer, image_processor, feature_extractor, max_length=cfg.data.max_length
+    )
+    mcfg.image_token_id = collator.image_token_id
+    mcfg.audio_token_id = collator.audio_token_id
+    mcfg.projector_side = cfg.projector_side
+    if cfg.model.preset != "none" or collator.placeholder_info.needs_resize:
+        mcfg.llm.vocab_size = len(tokenizer)
+    torch.manual_seed(cfg.run.seed)
+    model = MultimodalLM(mcfg)
+    train, test, qtypes = _datasets(cfg)
+    log(f"data: {len(train)} train samples, {len(test) if test is not None else 0} eval samples")
+    components = build_components(model, cfg)
+    return Assembly(model, tokenizer, collator, train, test, components, qtypes)

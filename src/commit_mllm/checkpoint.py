@@ -1,0 +1,148 @@
+"""Checkpoints written atomically: a temp folder, fsynced files, a manifest last, a rename.
+
+A checkpoint holds the trainable weights (safetensors), the optimizer, the CoMMIT state
+(meter window, factors), the RNG states and the step (the data order is a function of the
+seed and the step, so the step is the exact data position). ``latest_checkpoint`` returns the
+newest *complete* one (with its manifest); partial folders are ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+logger = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+def rng_state() -> dict[str, Any]:
+    """States of every generator a run uses: torch (CPU, CUDA), Python, NumPy."""
+    import numpy as np
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` (the number of optimizer steps done) atomically.
+
+    Args:
+        run_dir: The run folder; checkpoints go to ``run_dir/checkpoints``.
+        step: Optimizer steps completed.
+        model: Its trainable parameters are saved by name.
+        optimizer: Its state dict is saved.
+        state: Anything else (CoMMIT state, RNG states, counters), saved with torch.save.
+        keep_last: Complete checkpoints to keep (older ones are removed after the rename).
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"step": step, **state}, tmp / "state.pt")
+    for name in ("trainable.safetensors", "optimizer.pt", "state.pt"):
+        _fsync(tmp / name)
+    manifest = {"step": step, "files": sorted(p.name for p in tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
+    _fsync(tmp / MANIFEST)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _complete(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _complete(root: Path) -> list[Path]:
+    out = []
+    for p in sorted(root.glob(f"{PREFIX}*")):
+        if (p / MANIFEST).is_file():
+            out.append(p)
+        else:
+            logger.warning("ignoring incomplete checkpoint %s (no manifest)", p)
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for tmp in root.glob(f".tmp-{PREFIX}*"):
+        logger.warning("ignoring partial checkpoint %s", tmp)
+    done = _complete(root)
+    return done[-1] if done else None
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load weights and optimizer state in place; return the saved state dict.
+
+    Raises:
+        ValueError: The checkpoint lacks a trainable parameter of the model, or has extra ones.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: checkpoint does not match the model "
+            f"(missing {missing[:3]}, extra {extra[:3]})"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    return torch.load(path / "state.pt", weights_only=False)

@@ -1,0 +1,177 @@
+"""``commit-mllm``: train, demo, compare, plot, validate-config.
+
+Examples::
+
+    commit-mllm demo                                  # easy-VQA: constant LR vs CoMMIT
+    commit-mllm demo --task tones-aqa                 # the audio demo
+    commit-mllm train --config configs/tiny.yaml train.steps=20 commit.strategy=commit_clr
+    commit-mllm train --config configs/tiny.yaml --resume
+    commit-mllm compare --config configs/tiny.yaml --strategies constant,commit --seeds 0,1
+    commit-mllm plot runs/tiny
+    commit-mllm validate-config configs/*.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="commit-mllm",
+        description="Coordinated multimodal instruction tuning (CoMMIT): measure the balance "
+        "kappa between encoder and LLM learning, and coordinate their learning rates.",
+        epilog="Overrides are dotted key=value pairs, e.g. train.steps=50 commit.gamma=0.05.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train from a YAML config", description="Train a run.")
+    t.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    d = sub.add_parser(
+        "demo",
+        help="constant LR vs CoMMIT on a built-in task (CPU, minutes)",
+        description="Pretrain (or load cached) tiny parts, instruction-tune with constant LR "
+        "and with CoMMIT, print the comparison and write plots.",
+    )
+    d.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "tones-aqa"])
+    d.add_argument("--output-dir", default="runs/demo", help="where runs and plots go")
+    d.add_argument("--strategies", default="constant,commit", help="comma-separated strategies")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+
+    c = sub.add_parser(
+        "compare",
+        help="several strategies and seeds on one config -> table and plots",
+        description="Run every (strategy, seed) pair of a config and write compare.md/.json "
+        "and PNG plots.",
+    )
+    c.add_argument("--config", required=True, help="YAML run config")
+    c.add_argument("--strategies", default="constant,commit_clr,commit", help="comma-separated")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds")
+    c.add_argument("--output-dir", default="runs/compare", help="where runs and the report go")
+    c.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    pl = sub.add_parser(
+        "plot",
+        help="plot kappa, LRs, loss and normalized grad norms of runs",
+        description="Write PNG plots into RUN_DIR/plots (and a comparison with --compare).",
+    )
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--compare", metavar="OUT_DIR", help="also write comparison plots here")
+
+    v = sub.add_parser("validate-config", help="check YAML configs offline")
+    v.add_argument("configs", nargs="+", metavar="CONFIG")
+    v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``commit-mllm`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"commit-mllm {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"commit-mllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .plotting import plot_run
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    plots = plot_run(cfg.run.output_dir)
+    _print_summary(summary)
+    print(f"run folder: {cfg.run.output_dir}  plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    for path in args.configs:
+        cfg = load_config(path, args.overrides)
+        print(
+            f"{path}: ok (strategy {cfg.commit.strategy}, preset {cfg.model.preset}, "
+            f"task {cfg.data.task or cfg.data.train_file}, {cfg.train.steps} steps)"
+        )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report import write_compare_report
+    from .trainer import train
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    out = Path(args.output_dir)
+    runs = []
+    for strategy in strategies:
+        for seed in seeds:
+            run_dir = out / f"{strategy}-seed{seed}"
+            extra = [f"commit.strategy={strategy}", f"run.seed={seed}", f"run.output_dir={run_dir}"]
+            cfg = load_config(args.config, [*args.overrides, *extra])
+            print(f"== {strategy} seed {seed} -> {run_dir}")
+            train(cfg)
+            runs.append(run_dir)
+    report = write_compare_report(runs, out)
+    print(report.read_text().split("\n\n![")[0])
+    print(f"report: {report}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_compare, plot_run
+
+    for run_dir in args.run_dirs:
+        for path in plot_run(run_dir):
+            print(path)
+    if args.compare:
+        for path in plot_compare(args.run_dirs, args.compare):
+            print(path)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    run_demo(args.task, args.output_dir, strategies, args.overrides)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ["strategy", "final_loss", "accuracy", "mean_log_kappa", "final_state", "seconds"]
+    keys += sorted(k for k in summary if k.startswith("accuracy/"))
+    print("  ".join(f"{k}={_short(summary.get(k))}" for k in keys))
+
+
+def _short(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+_COMMANDS = {
+    "train": _train,
+    "validate-config": _validate,
+    "compare": _compare,
+    "plot": _plot,
+    "demo": _demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

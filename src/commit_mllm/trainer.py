@@ -1,0 +1,349 @@
+"""The training loop: one readable function on accelerate.
+
+Per optimizer step: forward -> loss -> backward (per micro-batch) -> clip -> step -> kappa ->
+LRs -> log, then evaluation and checkpoints when due. Everything else (building the model
+and data, the batch order, the summary) lives in small helpers below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .assembly import Assembly, assemble
+from .balance import supervised_mask
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import RunConfig, to_dict
+from .coordinator import CoMMIT
+from .evaluation import evaluate
+from .tracking import RunLogger, read_jsonl
+
+__all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    session: Session | None = None,
+) -> dict:
+    """Train (or resume) a run and return its summary (also written to summary.json).
+
+    Args:
+        cfg: The run config.
+        resume: Continue from the newest complete checkpoint in ``cfg.run.output_dir``.
+        log: Where startup lines go (the main process only).
+        session: A session from :func:`setup` to train (to inspect its model afterwards).
+
+    Returns:
+        The run summary (final loss, accuracy per question type, kappa statistics, time).
+    """
+    s = session or setup(cfg, resume, log)
+    acc, commit, opt, t = s.accelerator, s.commit, s.optimizer, cfg.train
+    bar = s.progress_bar()
+    start = time.perf_counter()
+    for step in range(s.start_step, t.steps):
+        # ---- forward -> loss -> backward, per micro-batch --------------------------------
+        ce_sum = aux_sum = 0.0
+        for micro in range(t.grad_accum):
+            batch = s.next_batch()
+            sync = micro == t.grad_accum - 1 or s.ddp is None
+            with contextlib.nullcontext() if sync else acc.no_sync(s.ddp), acc.autocast():
+                logits = commit.forward(batch, via=s.ddp)
+                ce = F.cross_entropy(logits.float(), _targets(batch))
+                aux = commit.aux_loss(logits)
+                commit.backward(ce, aux, 1.0 / t.grad_accum, acc.backward)
+            ce_sum, aux_sum = ce_sum + float(ce.detach()), aux_sum + float(aux.detach())
+        # ---- per-component gradient norms; strategy gating (CD) / modulation (OGM-GE) ----
+        acc.unscale_gradients()
+        commit.after_backward()
+        # ---- clip ------------------------------------------------------------------------
+        total_norm = acc.clip_grad_norm_(s.params, t.max_grad_norm) if t.max_grad_norm else None
+        # ---- step ------------------------------------------------------------------------
+        commit.before_step()
+        opt.step()
+        # ---- kappa -> kappa_bar -> factors -> the next step's LRs -------------------------
+        report = commit.after_step()
+        opt.zero_grad(set_to_none=True)
+        # ---- log -------------------------------------------------------------------------
+        ce_mean, aux_mean = ce_sum / t.grad_accum, aux_sum / t.grad_accum
+        record = {"step": step, "loss": ce_mean + aux_mean, "ce": ce_mean, "aux_loss": aux_mean}
+        record["grad_norm"] = None if total_norm is None else float(total_norm)
+        record.update(report.as_log())
+        if step % t.log_every == 0 or step == t.steps - 1:
+            s.logger.log_step(record)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{ce_mean:.3f}", kappa=_fmt(record.get("kappa")), state=record["state"]
+        )
+        # ---- evaluate and save when due ---------------------------------------------------
+        done = step + 1
+        if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            s.evaluate(done)
+        if t.save_every and done % t.save_every == 0 and done < t.steps:
+            s.save(done)
+    bar.close()
+    final_eval = s.evaluate(t.steps)
+    s.save(t.steps)
+    return s.finish(final_eval, time.perf_counter() - start)
+
+
+def _targets(batch: dict[str, Any]) -> torch.Tensor:
+    labels = batch["labels"]
+    return labels[:, 1:][supervised_mask(labels)]
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+# ---- batch order ------------------------------------------------------------------------
+class BatchOrder:
+    """Deterministic data order: the step is the exact data position.
+
+    Positions run over an endless concatenation of per-epoch permutations (seed + epoch).
+    Micro-batch ``i`` covers positions ``[i G, (i + 1) G)`` of the global batch ``G``; rank
+    ``r`` takes its ``r``-th slice of ``batch_size``.
+
+    Args:
+        n: Dataset size.
+        batch_size: Per-process micro-batch size.
+        seed: Seed of the permutations.
+        rank: This process's rank.
+        world: Number of processes.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs, one order object per run
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def indices(self, micro: int) -> list[int]:
+        """Dataset indices of micro-batch ``micro`` on this rank."""
+        start = (micro * self.world + self.rank) * self.batch_size
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Collated micro-batches from ``start`` on (a map-style dataset for DataLoader workers)."""
+
+    def __init__(
+        self, data: Sequence[dict], collator: Any, order: BatchOrder, start: int, total: int
+    ):
+        self.data, self.collator, self.order, self.start, self.total = (
+            data,
+            collator,
+            order,
+            start,
+            total,
+        )
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.collator([self.data[i] for i in self.order.indices(self.start + k)])
+
+
+# ---- session: everything the loop uses --------------------------------------------------
+@dataclass
+class Session:
+    """The objects of a running training job (see :func:`setup`)."""
+
+    cfg: RunConfig
+    accelerator: Any
+    parts: Assembly
+    optimizer: Any
+    commit: CoMMIT
+    logger: RunLogger
+    params: list[torch.nn.Parameter]
+    loader: Any
+    ddp: torch.nn.Module | None
+    start_step: int
+    run_dir: Path
+
+    def next_batch(self) -> dict[str, Any]:
+        """The next micro-batch, on the device."""
+        batch = next(self.loader)
+        dev = self.accelerator.device
+        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def progress_bar(self) -> Any:
+        """A tqdm bar (disabled off the main process or when asked)."""
+        from tqdm.auto import tqdm
+
+        on = self.cfg.run.progress and self.accelerator.is_main_process
+        return tqdm(
+            total=self.cfg.train.steps, initial=self.start_step, disable=not on, desc="train"
+        )
+
+    def evaluate(self, step: int) -> dict | None:
+        """Evaluate on the held-out set (main process); log and write predictions."""
+        if self.parts.eval_set is None or not len(self.parts.eval_set):
+            return None
+        result = None
+        if self.accelerator.is_main_process:
+            t = self.cfg.train
+            with torch.random.fork_rng(devices=[]):  # generation must not shift training RNG
+                result, preds = evaluate(
+                    self.parts.model,
+                    self.parts.collator,
+                    self.parts.eval_set,
+                    t.eval_batch_size,
+                    t.max_new_tokens,
+                    self.accelerator.device,
+                    self.accelerator.autocast,
+                )
+            self.logger.log_eval({"step": step, **result})
+            path = self.run_dir / "predictions" / f"step-{step:08d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(p) + "\n" for p in preds))
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def save(self, step: int) -> None:
+        """Write checkpoint ``step`` (main process)."""
+        if self.accelerator.is_main_process:
+            state = {"commit": self.commit.state_dict(), "rng": rng_state()}
+            model = self.accelerator.unwrap_model(self.parts.model)
+            save_checkpoint(
+                self.run_dir, step, model, self.optimizer, state, self.cfg.train.keep_last
+            )
+        self.accelerator.wait_for_everyone()
+
+    def finish(self, final_eval: dict | None, seconds: float) -> dict:
+        """Write summary.json and close the logs."""
+        self.logger.close()
+        summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
+        if self.accelerator.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> Session:
+    """Build the accelerator, model, data, optimizer and CoMMIT; restore a checkpoint."""
+    from accelerate import Accelerator
+
+    t = cfg.train
+    acc = Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision)
+    say = log if acc.is_main_process else (lambda _: None)
+    run_dir = Path(cfg.run.output_dir)
+    parts = assemble(cfg, say)
+    say(f"strategy: {cfg.commit.strategy}  device: {acc.device}  processes: {acc.num_processes}")
+    say(parts.components.table())
+    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
+    optimizer = opt_cls(parts.components.param_groups())
+    model, optimizer = acc.prepare(parts.model, optimizer)
+    ddp = model if acc.num_processes > 1 else None
+    parts.model = acc.unwrap_model(model)
+    all_reduce = _all_reduce if acc.num_processes > 1 else None
+    commit = CoMMIT(
+        parts.model,
+        optimizer,
+        parts.components,
+        cfg.commit,
+        total_steps=t.steps,
+        warmup_steps=t.warmup_steps,
+        schedule=t.schedule,
+        min_lr_ratio=t.min_lr_ratio,
+        forward_fn=(lambda m, b: m(**b).logits) if ddp is not None else None,
+        autocast=acc.autocast,
+        all_reduce=all_reduce,
+    )
+    start = _restore(cfg, run_dir, resume, parts, optimizer, commit, say)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run_logger = RunLogger(
+        run_dir,
+        acc.is_main_process,
+        cfg.run.tensorboard,
+        cfg.run.wandb,
+        resume_step=start,
+        config=to_dict(cfg),
+    )
+    order = BatchOrder(
+        len(parts.train_set), t.batch_size, cfg.run.seed, acc.process_index, acc.num_processes
+    )
+    total = t.steps * t.grad_accum
+    data = _MicroBatches(parts.train_set, parts.collator, order, start * t.grad_accum, total)
+    loader = iter(
+        torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers)
+    )
+    params = [p for c in parts.components for p in c.params]
+    return Session(
+        cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir
+    )
+
+
+def _restore(cfg, run_dir, resume, parts, optimizer, commit, say) -> int:
+    if not resume:
+        return 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        say(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
+        return 0
+    state = load_checkpoint(ckpt, parts.model, optimizer)
+    commit.load_state_dict(state["commit"])
+    set_rng_state(state["rng"])
+    say(f"resume: from {ckpt} (step {state['step']})")
+    return int(state["step"])
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
+def summarize(
+    run_dir: Path, cfg: RunConfig, final_eval: dict | None, seconds: float, start_step: int = 0
+) -> dict:
+    """Run summary from metrics.jsonl and the final evaluation.
+
+    ``final_loss`` is the mean CE over the last 10% of steps; ``mean_log_kappa`` the mean of
+    log kappa over every estimate; ``final_state`` the last balance state.
+    """
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    tail = recs[-max(1, len(recs) // 10) :] if recs else []
+    logk = [math.log(r["kappa"]) for r in recs if r.get("kappa")]
+    last = recs[-1] if recs else {}
+    summary = {
+        "strategy": cfg.commit.strategy,
+        "seed": cfg.run.seed,
+        "steps": cfg.train.steps,
+        "final_loss": sum(r["ce"] for r in tail) / len(tail) if tail else None,
+        "mean_log_kappa": sum(logk) / len(logk) if logk else None,
+        "final_kappa_bar": last.get("kappa_bar"),
+        "final_state": last.get("state"),
+        "seconds": seconds,
+        "ms_per_step": 1000 * seconds / max(1, cfg.train.steps - start_step),
+        "run_dir": str(run_dir),
+        "label": cfg.commit.strategy,
+    }
+    summary.update(final_eval or {})
+    return summary
