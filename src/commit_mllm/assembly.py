@@ -104,29 +104,25 @@ def tiny_random_mllm(modality: str, image_size: int = 64) -> MLLMConfig:
 
 
 def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Path]:
-    from .pretrain import prepare_tiny_parts
+    from .pretrain import prepare_tiny_parts, tiny_mllm_config
 
     task = cfg.data.task or ("tones-aqa" if modality == "audio" else "easy-vqa")
-    folder = prepare_tiny_parts(task, cfg.run.cache_dir, seed=0)
-    mcfg = MLLMConfig(llm=LLMConfig(name_or_path=str(folder / "llm")))
-    if modality == "image":
-        mcfg.vision = VisionEncoderConfig(name_or_path=str(folder / "encoder"))
-    else:
-        mcfg.audio = AudioEncoderConfig(name_or_path=str(folder / "encoder"))
-    return mcfg, folder
+    folder = prepare_tiny_parts(task, cfg.run.cache_dir, log=logger.info)
+    return tiny_mllm_config(folder), folder
 
 
-def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any]:
-    """The MLLM config and tokenizer of the run (filled in for presets)."""
+def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, str | None]:
+    """The MLLM config, tokenizer and processor folder of the run (filled in for presets)."""
     from transformers import AutoTokenizer
 
     user = cfg.model.mllm
     if cfg.model.preset == "tiny-random":
         base = tiny_random_mllm(modality, cfg.model.image_size)
-        tokenizer = train_tiny_tokenizer(task_texts("all"))
+        tokenizer, processor = train_tiny_tokenizer(task_texts("all")), None
     elif cfg.model.preset == "tiny-pretrained":
         base, folder = _tiny_pretrained_mllm(cfg, modality)
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        processor = str(folder / "encoder")
     else:
         base = copy.deepcopy(user)
         name = cfg.model.tokenizer or base.llm.name_or_path
@@ -135,17 +131,22 @@ def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any]:
                 "model.tokenizer: give a tokenizer when the LLM is built from a config"
             )
         tokenizer = AutoTokenizer.from_pretrained(name)
-        return base, tokenizer
+        return base, tokenizer, cfg.model.processor
     # A preset fills the parts; the user's freezing, LoRA and projectors still apply.
     base.vision_projector, base.audio_projector = user.vision_projector, user.audio_projector
     for part in ("llm", "vision", "audio"):
         mine, theirs = getattr(base, part), getattr(user, part)
         if mine is not None and theirs is not None:
             mine.freeze, mine.lora, mine.dtype = theirs.freeze, theirs.lora, theirs.dtype
-    return base, tokenizer
+    return base, tokenizer, processor
 
 
-def _processors(cfg: RunConfig, mcfg: MLLMConfig, modality: str) -> tuple[Any, Any]:
+def _processors(mcfg: MLLMConfig, modality: str, name: str | None, size: int) -> tuple[Any, Any]:
+    """The image processor or feature extractor of the run.
+
+    From ``name`` (a folder or hub id), else the encoder's own folder, else a default one
+    (the tiny random preset).
+    """
     import transformers
     from transformers import AutoImageProcessor, WhisperFeatureExtractor
 
@@ -153,18 +154,20 @@ def _processors(cfg: RunConfig, mcfg: MLLMConfig, modality: str) -> tuple[Any, A
     clip_processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 
     if modality == "audio":
-        name = cfg.model.processor or (mcfg.audio.name_or_path if mcfg.audio else None)
-        if cfg.model.preset != "none" or name is None:
+        name = name or (mcfg.audio.name_or_path if mcfg.audio else None)
+        if name is None:
             return None, WhisperFeatureExtractor(feature_size=80)
         return None, WhisperFeatureExtractor.from_pretrained(name)
-    name = cfg.model.processor or (mcfg.vision.name_or_path if mcfg.vision else None)
-    if cfg.model.preset != "none" or name is None:
-        size = cfg.model.image_size
+    name = name or (mcfg.vision.name_or_path if mcfg.vision else None)
+    if name is None:
         return (
             clip_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
             None,
         )
-    return AutoImageProcessor.from_pretrained(name), None
+    try:
+        return AutoImageProcessor.from_pretrained(name, backend="pil"), None
+    except (TypeError, ValueError):
+        return AutoImageProcessor.from_pretrained(name), None
 
 
 def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tuple[str, ...]]:
@@ -174,8 +177,15 @@ def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tu
         train = load_task(d.task, "train", max_samples=d.max_train_samples, **kw)
         test = load_task(d.task, "test", max_samples=d.max_eval_samples, **kw)
         return train, test, tuple(task_question_types(d.task))
-    train = load_llava(d.train_file, media_root=d.media_root)
-    test = load_llava(d.eval_file, media_root=d.media_root) if d.eval_file else None
+    if d.format is not None:
+        from .formats import load_format
+
+        train = load_format(d.format, d.train_file, d.train_split, d.media_root)
+        src = d.eval_file or d.train_file
+        test = load_format(d.format, src, d.eval_split, d.media_root)
+    else:
+        train = load_llava(d.train_file, media_root=d.media_root)
+        test = load_llava(d.eval_file, media_root=d.media_root) if d.eval_file else None
     if d.max_train_samples is not None:
         train = [train[i] for i in range(min(len(train), d.max_train_samples))]
     if test is not None and d.max_eval_samples is not None:
@@ -210,8 +220,10 @@ def build_components(model: torch.nn.Module, cfg: RunConfig) -> Components:
 def assemble(cfg: RunConfig, log: Callable[[str], None] = logger.info) -> Assembly:
     """Build tokenizer, processors, collator, model (seeded), datasets and components."""
     modality = _modality(cfg)
-    mcfg, tokenizer = _preset(cfg, modality)
-    image_processor, feature_extractor = _processors(cfg, mcfg, modality)
+    mcfg, tokenizer, processor = _preset(cfg, modality)
+    image_processor, feature_extractor = _processors(
+        mcfg, modality, processor, cfg.model.image_size
+    )
     collator = Collator(
         tokenizer, image_processor, feature_extractor, max_length=cfg.data.max_length
     )

@@ -9,6 +9,8 @@ Examples::
     commit-mllm compare --config configs/tiny.yaml --strategies constant,commit --seeds 0,1
     commit-mllm plot runs/tiny
     commit-mllm validate-config configs/*.yaml
+    commit-mllm convert --format textvqa ~/data/textvqa data/textvqa_train.jsonl
+    commit-mllm eval --config configs/paper/textvqa_llava15.yaml --checkpoint runs/textvqa
 """
 
 from __future__ import annotations
@@ -65,6 +67,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--compare", metavar="OUT_DIR", help="also write comparison plots here")
+
+    cv = sub.add_parser(
+        "convert",
+        help="convert a paper dataset (published layout) to LLaVA-style JSONL",
+        description="Read TextVQA, IconQA, A-OKVQA, ClothoAQA, MACS or Song Describer in "
+        "the layout their authors distribute and write the project's JSONL.",
+    )
+    cv.add_argument(
+        "--format",
+        required=True,
+        choices=["textvqa", "iconqa", "aokvqa", "aokvqa-da", "clothoaqa", "macs", "sdd"],
+    )
+    cv.add_argument("src", help="the dataset's folder")
+    cv.add_argument("out", help="output .jsonl")
+    cv.add_argument("--split", default="train", help="split to convert (default train)")
+    cv.add_argument("--media-root", help="where the images / audio live, if elsewhere")
+    cv.add_argument("--relative-to", help="write media paths relative to this folder")
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint with the dataset's own metric",
+        description="Batched greedy generation on the evaluation set, the dataset's metric, "
+        "per-question predictions and a summary table.",
+    )
+    ev.add_argument("--config", required=True, help="the run's YAML config")
+    ev.add_argument("--checkpoint", help="checkpoint or run folder (default: zero-shot)")
+    ev.add_argument("--eval-file", help="converted JSONL to evaluate (default data.eval_file)")
+    ev.add_argument("--output-dir", help="where predictions and scores go")
+    ev.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides")
 
     v = sub.add_parser("validate-config", help="check YAML configs offline")
     v.add_argument("configs", nargs="+", metavar="CONFIG")
@@ -147,6 +179,27 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .paper_eval import run_convert
+
+    run_convert(args.format, args.src, args.out, args.split, args.media_root, args.relative_to)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .paper_eval import run_eval
+
+    run_eval(
+        args.config,
+        args.checkpoint,
+        args.overrides,
+        args.output_dir,
+        args.eval_file,
+        args.max_samples,
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -171,6 +224,8 @@ _COMMANDS = {
     "compare": _compare,
     "plot": _plot,
     "demo": _demo,
+    "convert": _convert,
+    "eval": _eval,
 }
 
 if __name__ == "__main__":

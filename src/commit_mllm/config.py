@@ -76,8 +76,13 @@ class DataConfig:
 
     Attributes:
         task: A built-in task (``easy-vqa`` or ``tones-aqa``), or None to use files.
-        train_file: LLaVA-style JSON/JSONL training file.
-        eval_file: LLaVA-style JSON/JSONL evaluation file.
+        train_file: LLaVA-style JSON/JSONL training file, or with ``format`` the dataset's
+            own folder.
+        eval_file: LLaVA-style JSON/JSONL evaluation file (or a dataset folder).
+        format: Read a paper dataset in its published layout directly (``textvqa``,
+            ``iconqa``, ``aokvqa``, ``aokvqa-da``, ``clothoaqa``, ``macs``, ``sdd``).
+        train_split: Split read with ``format`` for training.
+        eval_split: Split read with ``format`` for evaluation.
         media_root: Folder that relative image/audio paths are resolved against.
         max_train_samples: Cap on training samples (None = all).
         max_eval_samples: Cap on evaluation samples.
@@ -89,6 +94,9 @@ class DataConfig:
     task: str | None = "easy-vqa"
     train_file: str | None = None
     eval_file: str | None = None
+    format: str | None = None
+    train_split: str = "train"
+    eval_split: str = "val"
     media_root: str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = 256
