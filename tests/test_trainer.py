@@ -148,7 +148,7 @@ def test_llava_json_files_train(tmp_path):
     assert {json.loads(p)["id"] for p in preds} == {"r0", "r1"}
 
 
-@pytest.mark.parametrize("config", sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("config", sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_every_shipped_config_validates(config, capsys):
     assert main(["validate-config", config]) == 0
     assert ": ok" in capsys.readouterr().out
