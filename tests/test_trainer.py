@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from commit_mllm.cli import main
-from commit_mllm.config import load_config
+from commit_mllm.config import ConfigError, load_config
 from commit_mllm.tracking import read_jsonl
 from commit_mllm.trainer import setup, train
 
@@ -232,3 +232,29 @@ def test_local_pretrained_folders_go_through_the_hub_code_path(tmp_path):
     assert names and all("lora_" in n for n in names)
     train(cfg, session=s)
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+def test_framework_aliases_in_run_configs(tmp_path, capsys):
+    aliases = [
+        "train.vit_lr=0.5",
+        "train.freeze_vision_tower=true",
+        "train.freeze_multi_modal_projector=false",
+    ]
+    cfg = load_config(None, ["model.preset=tiny-random", *aliases])
+    assert cfg.train.encoder_lr == 0.5 and cfg.train.freeze_encoder is True
+    assert cfg.train.freeze_projector is False
+    with pytest.raises(ConfigError, match=r"'encoder_lr' = 0\.001 and 'vit_lr' = 0\.5"):
+        load_config(TINY, ["train.vit_lr=0.5"])  # tiny.yaml sets encoder_lr
+    args = [
+        "validate-config",
+        TINY,
+        "--set",
+        "train.mm_projector_lr=1",
+        "--set",
+        "train.aligner_lr=2",
+    ]
+    assert main(args) == 2
+    assert "'mm_projector_lr' = 1 and 'aligner_lr' = 2" in capsys.readouterr().err
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *QUIET, "train.freeze_vit=true"])
+    s = setup(cfg, log=lambda _: None)
+    assert all(n.startswith("vision_projector.") for n in s.parts.components["encoder"].names)

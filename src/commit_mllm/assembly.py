@@ -170,6 +170,18 @@ def _processors(mcfg: MLLMConfig, modality: str, name: str | None, size: int) ->
         return AutoImageProcessor.from_pretrained(name), None
 
 
+def _apply_freeze(mcfg: MLLMConfig, cfg: RunConfig) -> None:
+    """``train.freeze_*`` (and their framework aliases) over the model config's flags."""
+    t = cfg.train
+    if t.freeze_llm is not None:
+        mcfg.llm.freeze = t.freeze_llm
+    for part in (mcfg.vision, mcfg.audio):
+        if part is not None and t.freeze_encoder is not None:
+            part.freeze = t.freeze_encoder
+    if t.freeze_projector is not None:
+        mcfg.vision_projector.freeze = mcfg.audio_projector.freeze = t.freeze_projector
+
+
 def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tuple[str, ...]]:
     d = cfg.data
     if d.task is not None:
@@ -230,6 +242,7 @@ def assemble(cfg: RunConfig, log: Callable[[str], None] = logger.info) -> Assemb
     mcfg.image_token_id = collator.image_token_id
     mcfg.audio_token_id = collator.audio_token_id
     mcfg.projector_side = cfg.projector_side
+    _apply_freeze(mcfg, cfg)
     if cfg.model.preset != "none" or collator.placeholder_info.needs_resize:
         mcfg.llm.vocab_size = len(tokenizer)
     torch.manual_seed(cfg.run.seed)

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .aliases import resolve_aliases
 from .models.mllm import MLLMConfig
 from .strategies import CoMMITConfig
 
@@ -140,6 +141,9 @@ class TrainSection:
         projector_lr: Base LR of the projector component (``projector_side: own``).
         llm_lr: Base LR of the LLM component (None = ``lr``).
         component_lrs: Base LR by component name (any components; overrides the above).
+        freeze_encoder: Freeze the encoder(s) (None = as the model config says).
+        freeze_projector: Freeze the projector(s).
+        freeze_llm: Freeze the LLM's base weights (its LoRA adapters still train).
         weight_decay: AdamW weight decay.
         optimizer: ``adamw`` or ``sgd``.
         schedule: ``cosine``, ``linear`` or ``constant``.
@@ -164,6 +168,9 @@ class TrainSection:
     projector_lr: float | None = None
     llm_lr: float | None = None
     component_lrs: dict[str, float] = field(default_factory=dict)
+    freeze_encoder: bool | None = None
+    freeze_projector: bool | None = None
+    freeze_llm: bool | None = None
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     schedule: str = "cosine"
@@ -389,8 +396,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
         apply_overrides(data, overrides)
+        if isinstance(data.get("train"), Mapping):
+            # vit_lr, mm_projector_lr, freeze_vision_tower ... -> the canonical keys.
+            data["train"] = resolve_aliases(data["train"], "train")
         cfg = from_dict(RunConfig, data)
         cfg.validate()
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     return cfg
