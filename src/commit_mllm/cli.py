@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +127,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # other ranks of a multi-process run
+        return 0
     plots = plot_run(cfg.run.output_dir)
     _print_summary(summary)
     print(f"run folder: {cfg.run.output_dir}  plots: {', '.join(str(p) for p in plots)}")

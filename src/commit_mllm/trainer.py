@@ -73,8 +73,9 @@ def train(
                 logits = commit.forward(batch, via=s.ddp)
                 ce = F.cross_entropy(logits.float(), _targets(batch))
                 aux = commit.aux_loss(logits)
-                commit.backward(ce, aux, 1.0 / t.grad_accum, acc.backward)
-            ce_sum, aux_sum = ce_sum + float(ce.detach()), aux_sum + float(aux.detach())
+                weight, ce_value, aux_value = _token_weight(acc, logits.shape[0], ce, aux)
+                commit.backward(ce, aux, weight / t.grad_accum, acc.backward)
+            ce_sum, aux_sum = ce_sum + ce_value, aux_sum + aux_value
         # ---- per-component gradient norms; strategy gating (CD) / modulation (OGM-GE) ----
         acc.unscale_gradients()
         commit.after_backward()
@@ -107,6 +108,25 @@ def train(
     final_eval = s.evaluate(t.steps)
     s.save(t.steps)
     return s.finish(final_eval, time.perf_counter() - start)
+
+
+def _token_weight(acc: Any, tokens: int, ce: torch.Tensor, aux: torch.Tensor) -> tuple:
+    """Loss weight so that several processes average over the *global* token count.
+
+    DDP averages gradients over ranks; scaling each rank's token-mean loss by
+    ``world * local_tokens / global_tokens`` makes the update equal to a single process's
+    on the same global batch. Returns the weight and the global mean CE and aux loss.
+    """
+    if acc.num_processes == 1:
+        return 1.0, float(ce.detach()), float(aux.detach())
+    sums = torch.tensor(
+        [tokens, float(ce.detach()) * tokens, float(aux.detach()) * tokens],
+        dtype=torch.float64,
+        device=acc.device,
+    )
+    _all_reduce(sums)
+    n = max(float(sums[0]), 1.0)
+    return acc.num_processes * tokens / n, float(sums[1]) / n, float(sums[2]) / n
 
 
 def _targets(batch: dict[str, Any]) -> torch.Tensor:
@@ -251,7 +271,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     from accelerate import Accelerator
 
     t = cfg.train
-    acc = Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision)
+    # cpu=True when there is no GPU: that is what makes torchrun start MULTI_CPU (gloo) ranks.
+    cpu = t.cpu or not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
     say = log if acc.is_main_process else (lambda _: None)
     run_dir = Path(cfg.run.output_dir)
     parts = assemble(cfg, say)
