@@ -40,3 +40,14 @@ def test_public_api_is_exported_and_documented():
         obj = getattr(commit_mllm, name)
         if inspect.isclass(obj) or inspect.isfunction(obj):
             assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_readme_yaml_example_validates(tmp_path):
+    from commit_mllm.config import load_config
+
+    text = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    path = tmp_path / "my_run.yaml"
+    path.write_text(block)
+    cfg = load_config(path)
+    assert cfg.model.mllm.llm.lora.r == 64 and cfg.commit.factor_caps == {"encoder": 4.0}

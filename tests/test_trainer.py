@@ -258,3 +258,28 @@ def test_framework_aliases_in_run_configs(tmp_path, capsys):
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *QUIET, "train.freeze_vit=true"])
     s = setup(cfg, log=lambda _: None)
     assert all(n.startswith("vision_projector.") for n in s.parts.components["encoder"].names)
+
+
+@pytest.mark.parametrize("task,name", [("easy-vqa", "demo_vision"), ("tones-aqa", "demo_audio")])
+def test_demo_configs_match_the_demo(task, name):
+    from commit_mllm.demo import demo_config
+
+    assert load_config(ROOT / "configs" / f"{name}.yaml") == demo_config(task)
+
+
+def test_demo_runs_end_to_end_on_tiny_parts(tmp_path, capsys):
+    over = [
+        "model.preset=tiny-random",
+        "model.image_size=32",
+        "train.steps=3",
+        "train.eval_every=0",
+        "train.warmup_steps=0",
+        "data.max_eval_samples=8",
+        "data.max_train_samples=32",
+        *QUIET,
+    ]
+    assert main(["demo", "--output-dir", str(tmp_path), *over]) == 0
+    out = capsys.readouterr().out
+    assert "| constant |" in out and "| commit |" in out and "median log kappa" in out
+    assert (tmp_path / "easy-vqa" / "compare.md").exists()
+    assert (tmp_path / "easy-vqa" / "commit" / "plots" / "kappa.png").exists()
