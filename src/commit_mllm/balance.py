@@ -359,6 +359,10 @@ class BalanceMeter:
         self._old = {c.name: [p.detach().clone() for p in c.params] for c in self.components}
         self._state = {c.name: "new" for c in self.components}
 
+    def discard(self) -> None:
+        """Forget the snapshot and the reference of a step that will not be measured."""
+        self._old, self._ref = None, None
+
     @torch.no_grad()
     def measure(self, step: int) -> BalanceMeasurement | None:
         """Estimate D_c and kappa for the step just taken (call right after ``optimizer.step()``).

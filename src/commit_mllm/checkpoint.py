@@ -13,12 +13,20 @@ import logging
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "fault_point",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -53,6 +61,25 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fault_point(name: str) -> None:
+    """Test hook: SIGKILL this process at the named point when COMMIT_MLLM_KILL_AT == name.
+
+    Points: ``step:<n>`` (after step n is logged), ``save:<n>:weights`` (checkpoint n half
+    written), ``save:<n>:manifest`` (complete but not yet renamed). The kill/resume tests use
+    it to die exactly there; it does nothing otherwise.
+    """
+    if os.environ.get("COMMIT_MLLM_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -79,8 +106,9 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
+    for stale in root.glob(f".tmp-{PREFIX}{step:08d}-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {
         n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
@@ -90,12 +118,15 @@ def save_checkpoint(
     torch.save({"step": step, **state}, tmp / "state.pt")
     for name in ("trainable.safetensors", "optimizer.pt", "state.pt"):
         _fsync(tmp / name)
+    fault_point(f"save:{step}:weights")
     manifest = {"step": step, "files": sorted(p.name for p in tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps(manifest))
     _fsync(tmp / MANIFEST)
+    fault_point(f"save:{step}:manifest")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(root)
     for old in _complete(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -90,6 +90,8 @@ class DataConfig:
         question_types: Keep only these question types (built-in tasks).
         max_length: Maximum token length of a training sample.
         num_workers: DataLoader worker processes.
+        on_bad_sample: ``error`` (stop, naming the row) or ``skip`` (drop the row, count it and
+            list it in ``skipped_samples.jsonl`` of the run folder).
     """
 
     task: str | None = "easy-vqa"
@@ -104,6 +106,7 @@ class DataConfig:
     question_types: list[str] | None = None
     max_length: int = 128
     num_workers: int = 0
+    on_bad_sample: str = "error"
 
 
 @dataclass
@@ -158,6 +161,8 @@ class TrainSection:
         save_every: Save a checkpoint every S steps (0 = only at the end).
         keep_last: Checkpoints kept.
         log_every: Write a metrics record every L steps.
+        max_bad_steps: Non-finite losses or gradients in a row before the run aborts (each
+            such step is skipped and counted).
     """
 
     steps: int = 100
@@ -185,6 +190,7 @@ class TrainSection:
     save_every: int = 0
     keep_last: int = 2
     log_every: int = 1
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -226,6 +232,8 @@ class RunConfig:
                 "encoder, llm, own",
             ),
             ("data.max_length", d.max_length >= 8, "an integer >= 8"),
+            ("data.on_bad_sample", d.on_bad_sample in ("error", "skip"), "error or skip"),
+            ("train.max_bad_steps", t.max_bad_steps >= 1, "an integer >= 1"),
         ]
         for key, ok, allowed in checks:
             if not ok:

@@ -236,6 +236,16 @@ class CoMMIT:
         self.step += 1
         return report
 
+    def skip_step(self) -> None:
+        """Account for a dropped step (e.g. a non-finite loss): no update, no kappa.
+
+        The shared schedule still advances, so the data position and the LR schedule stay
+        aligned with the step counter.
+        """
+        self.meter.discard()
+        self.scheduler.step()
+        self.step += 1
+
     def state_dict(self) -> dict:
         """Balance state to checkpoint: step, tracker window, factors, strategy RNG."""
         return {

@@ -25,6 +25,7 @@ import yaml
 from .assembly import Assembly, assemble
 from .balance import supervised_mask
 from .checkpoint import (
+    fault_point,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -79,8 +80,13 @@ def train(
         # ---- per-component gradient norms; strategy gating (CD) / modulation (OGM-GE) ----
         acc.unscale_gradients()
         commit.after_backward()
-        # ---- clip ------------------------------------------------------------------------
+        # ---- clip; a non-finite loss or gradient skips the step ---------------------------
         total_norm = acc.clip_grad_norm_(s.params, t.max_grad_norm) if t.max_grad_norm else None
+        if not _finite(ce_sum + aux_sum, total_norm):
+            s.skip_step(step)
+            bar.update(1)
+            continue
+        s.bad_in_a_row = 0
         # ---- step ------------------------------------------------------------------------
         commit.before_step()
         opt.step()
@@ -98,12 +104,9 @@ def train(
         bar.set_postfix(
             loss=f"{ce_mean:.3f}", kappa=_fmt(record.get("kappa")), state=record["state"]
         )
+        fault_point(f"step:{step}")
         # ---- evaluate and save when due ---------------------------------------------------
-        done = step + 1
-        if t.eval_every and done % t.eval_every == 0 and done < t.steps:
-            s.evaluate(done)
-        if t.save_every and done % t.save_every == 0 and done < t.steps:
-            s.save(done)
+        s.end_of_step(step + 1)
     bar.close()
     final_eval = s.evaluate(t.steps)
     s.save(t.steps)
@@ -127,6 +130,10 @@ def _token_weight(acc: Any, tokens: int, ce: torch.Tensor, aux: torch.Tensor) ->
     _all_reduce(sums)
     n = max(float(sums[0]), 1.0)
     return acc.num_processes * tokens / n, float(sums[1]) / n, float(sums[2]) / n
+
+
+def _finite(loss: float, grad_norm: torch.Tensor | None) -> bool:
+    return math.isfinite(loss) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
 
 
 def _targets(batch: dict[str, Any]) -> torch.Tensor:
@@ -171,24 +178,48 @@ class BatchOrder:
 
 
 class _MicroBatches(torch.utils.data.Dataset):
-    """Collated micro-batches from ``start`` on (a map-style dataset for DataLoader workers)."""
+    """Collated micro-batches from ``start`` on (a map-style dataset for DataLoader workers).
 
-    def __init__(
-        self, data: Sequence[dict], collator: Any, order: BatchOrder, start: int, total: int
-    ):
-        self.data, self.collator, self.order, self.start, self.total = (
-            data,
-            collator,
-            order,
-            start,
-            total,
-        )
+    A sample that cannot be loaded or collated is an error naming its index and id
+    (``on_bad_sample: error``), or is dropped from its micro-batch and reported under the
+    batch key ``_skipped`` (``on_bad_sample: skip``).
+    """
+
+    def __init__(self, data, collator, order: BatchOrder, start: int, total: int, on_bad: str):
+        self.data, self.collator, self.order = data, collator, order
+        self.start, self.total, self.on_bad = start, total, on_bad
 
     def __len__(self) -> int:
         return self.total - self.start
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        return self.collator([self.data[i] for i in self.order.indices(self.start + k)])
+        micro = self.start + k
+        indices = self.order.indices(micro)
+        try:
+            return self.collator([self.data[i] for i in indices])
+        except (ValueError, OSError):
+            pass  # find the bad rows one by one: the slow path only runs on bad data
+        good, skipped = [], []
+        for i in indices:
+            try:
+                sample = self.data[i]
+                self.collator([sample])
+                good.append(sample)
+            except (ValueError, OSError) as e:
+                sid = _sample_id(self.data, i)
+                if self.on_bad == "error":
+                    raise ValueError(f"train sample {i} (id {sid}): {e}") from None
+                skipped.append({"micro_batch": micro, "index": i, "id": sid, "reason": str(e)})
+        if not good:
+            raise ValueError(f"micro-batch {micro}: every sample is bad ({skipped[0]['reason']})")
+        return {**self.collator(good), "_skipped": skipped}
+
+
+def _sample_id(data: Sequence[dict], i: int) -> str:
+    try:
+        return str(data[i].get("id", i))
+    except Exception:  # the row itself may be what fails to load
+        return str(i)
 
 
 # ---- session: everything the loop uses --------------------------------------------------
@@ -207,12 +238,49 @@ class Session:
     ddp: torch.nn.Module | None
     start_step: int
     run_dir: Path
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
+    skipped_samples: int = 0
 
     def next_batch(self) -> dict[str, Any]:
-        """The next micro-batch, on the device."""
+        """The next micro-batch, on the device; skipped bad samples are recorded."""
         batch = next(self.loader)
+        skipped = batch.pop("_skipped", None)
+        if skipped:
+            self.skipped_samples += len(skipped)
+            if self.accelerator.is_main_process:
+                with open(self.run_dir / "skipped_samples.jsonl", "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in skipped)
         dev = self.accelerator.device
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def skip_step(self, step: int) -> None:
+        """Drop a step whose loss or gradient is not finite; abort after too many in a row.
+
+        Raises:
+            RuntimeError: ``train.max_bad_steps`` non-finite steps in a row. The last good
+                checkpoint is left as it is.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.commit.skip_step()
+        self.bad_in_a_row += 1
+        self.skipped_steps += 1
+        self.logger.log_step({"step": step, "skipped": "non-finite loss or gradient"})
+        limit = self.cfg.train.max_bad_steps
+        if self.bad_in_a_row >= limit:
+            last = latest_checkpoint(self.run_dir)
+            raise RuntimeError(
+                f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
+                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}"
+            )
+
+    def end_of_step(self, done: int) -> None:
+        """Evaluate and save when due, after ``done`` optimizer steps."""
+        t = self.cfg.train
+        if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            self.evaluate(done)
+        if t.save_every and done % t.save_every == 0 and done < t.steps:
+            self.save(done)
 
     def progress_bar(self) -> Any:
         """A tqdm bar (disabled off the main process or when asked)."""
@@ -261,6 +329,7 @@ class Session:
         """Write summary.json and close the logs."""
         self.logger.close()
         summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
+        summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
         if self.accelerator.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -279,6 +348,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     parts = assemble(cfg, say)
     say(f"strategy: {cfg.commit.strategy}  device: {acc.device}  processes: {acc.num_processes}")
     say(parts.components.table())
+    _check_trainable(parts.components, cfg.commit.strategy)
     opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
     optimizer = opt_cls(parts.components.param_groups())
     model, optimizer = acc.prepare(parts.model, optimizer)
@@ -314,7 +384,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         len(parts.train_set), t.batch_size, cfg.run.seed, acc.process_index, acc.num_processes
     )
     total = t.steps * t.grad_accum
-    data = _MicroBatches(parts.train_set, parts.collator, order, start * t.grad_accum, total)
+    data = _MicroBatches(
+        parts.train_set, parts.collator, order, start * t.grad_accum, total, cfg.data.on_bad_sample
+    )
     loader = iter(
         torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers)
     )
@@ -322,6 +394,19 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     return Session(
         cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir
     )
+
+
+def _check_trainable(components: Any, strategy: str) -> None:
+    """Balancing strategies need every component to train; say which one does not."""
+    if strategy in ("constant", "replay"):
+        return
+    for c in components:
+        if c.frozen:
+            raise ValueError(
+                f"component '{c.name}' has no trainable parameters (all {len(c.frozen_names)} "
+                f"are frozen); strategy '{strategy}' balances components that learn: unfreeze "
+                "it, move it with projector_side, or use commit.strategy=constant"
+            )
 
 
 def _restore(cfg, run_dir, resume, parts, optimizer, commit, say) -> int:
@@ -350,7 +435,7 @@ def summarize(
     ``final_loss`` is the mean CE over the last 10% of steps; ``mean_log_kappa`` the mean of
     log kappa over every estimate; ``final_state`` the last balance state.
     """
-    recs = read_jsonl(run_dir / "metrics.jsonl")
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "ce" in r]  # not skipped
     tail = recs[-max(1, len(recs) // 10) :] if recs else []
     logk = [math.log(r["kappa"]) for r in recs if r.get("kappa")]
     last = recs[-1] if recs else {}

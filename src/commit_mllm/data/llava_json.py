@@ -52,6 +52,8 @@ def _check_turns(turns: Any, where: str) -> None:
             )
         if not isinstance(turn["value"], str):
             raise DataFormatError(f"{where}: turn {k} 'value' must be a string")
+        if role == "gpt" and not turn["value"].strip():
+            raise DataFormatError(f"{where}: turn {k} is an empty answer (nothing to supervise)")
     if turns[-1]["from"] != "gpt":
         raise DataFormatError(f"{where}: the last turn must be a 'gpt' answer")
 

@@ -130,6 +130,9 @@ def load_audio(
         rate = sampling_rate or target_rate
     else:
         array, rate = _read_sound_file(Path(os.fspath(audio)))
+    if array.size == 0:
+        name = "audio array" if isinstance(audio, np.ndarray | torch.Tensor | list) else audio
+        raise MediaError(f"{name}: the clip is empty (0 samples)")
     return resample(_to_mono(array).astype(np.float32), int(rate), target_rate)
 
 

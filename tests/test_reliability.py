@@ -1,0 +1,293 @@
+"""Reliability: exact resume after SIGKILL, bad inputs with clear errors, non-finite losses."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from commit_mllm.cli import main
+from commit_mllm.config import load_config
+from commit_mllm.data import DataFormatError, MediaError, load_audio
+from commit_mllm.tracking import read_jsonl
+from commit_mllm.trainer import setup, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+QUIET = ["run.progress=false", "run.tensorboard=false"]
+
+
+# ---- kill -9 at any point, then --resume: bit-identical to an uninterrupted run ------------
+KILL_ARGS = [
+    "train.steps=6",
+    "train.save_every=2",
+    "train.eval_every=3",
+    "model.mllm.vision_projector.dropout=0.1",
+    *QUIET,
+]
+
+
+def _cli(out_dir, *extra, kill_at=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("COMMIT_MLLM_KILL_AT", None)
+    if kill_at:
+        env["COMMIT_MLLM_KILL_AT"] = kill_at
+    cmd = [
+        sys.executable,
+        "-m",
+        "commit_mllm.cli",
+        "train",
+        "--config",
+        TINY,
+        f"run.output_dir={out_dir}",
+        *KILL_ARGS,
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _weights_hash(run_dir: Path) -> str:
+    ckpt = run_dir / "checkpoints" / "step-00000006" / "trainable.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    res = _cli(out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize(
+    "point,resumes_from",
+    [("step:2", 2), ("save:4:weights", 2), ("save:4:manifest", 2), ("save:6:manifest", 4)],
+)
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, point, resumes_from):
+    out = tmp_path / "run"
+    killed = _cli(out, kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = _cli(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"(step {resumes_from})" in resumed.stdout
+    if point.startswith("save"):
+        assert "ignoring partial checkpoint" in resumed.stderr
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(uninterrupted / "metrics.jsonl")
+    assert read_jsonl(out / "eval.jsonl") == read_jsonl(uninterrupted / "eval.jsonl")
+    assert _weights_hash(out) == _weights_hash(uninterrupted)
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial one was cleaned up
+
+
+# ---- bad inputs: one clear line naming the file, row or key ---------------------------------
+def _png(path, colour=(200, 30, 30)):
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+def _rows(tmp_path, n=6, **bad):
+    rows = []
+    for i in range(n):
+        img = tmp_path / f"img{i}.png"
+        _png(img, (40 * i, 30, 30))
+        rows.append(
+            {
+                "id": f"r{i}",
+                "image": img.name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            }
+        )
+    for i, row_patch in bad.items():
+        rows[int(i[1:])].update(row_patch)
+    return rows
+
+
+def _write(tmp_path, rows, name="train.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def _train_args(tmp_path, data, *extra):
+    return [
+        "train",
+        "--config",
+        TINY,
+        f"run.output_dir={tmp_path / 'run'}",
+        "data.task=null",
+        f"data.train_file={data}",
+        "train.steps=2",
+        "train.batch_size=6",
+        "train.save_every=0",
+        *QUIET,
+        *extra,
+    ]
+
+
+def test_missing_image_names_the_row_and_file(tmp_path, capsys):
+    data = _write(tmp_path, _rows(tmp_path, r3={"image": "nope.png"}))
+    assert main(_train_args(tmp_path, data)) == 2
+    err = capsys.readouterr().err
+    assert "train.json row 3: image file 'nope.png' not found" in err
+
+
+def test_corrupt_image_error_and_skip(tmp_path, capsys):
+    data = _write(tmp_path, _rows(tmp_path))
+    (tmp_path / "img2.png").write_bytes(b"\x89PNG not really")
+    assert main(_train_args(tmp_path, data)) == 2
+    err = capsys.readouterr().err
+    assert "train sample 2 (id r2):" in err and "img2.png" in err
+    run = tmp_path / "run"
+    assert main(_train_args(tmp_path, data, "data.on_bad_sample=skip")) == 0
+    skipped = read_jsonl(run / "skipped_samples.jsonl")
+    assert {s["id"] for s in skipped} == {"r2"} and len(skipped) == 2  # once per step
+    assert json.loads((run / "summary.json").read_text())["skipped_samples"] == 2
+
+
+def test_json_syntax_error_has_line_and_column(tmp_path, capsys):
+    data = tmp_path / "train.json"
+    data.write_text('[\n {"id": "a",\n  "image": "x.png" "conversations": []}\n]')
+    assert main(_train_args(tmp_path, data)) == 2
+    assert "train.json: invalid JSON at line 3, column 20" in capsys.readouterr().err
+
+
+def test_row_missing_a_field(tmp_path, capsys):
+    rows = _rows(tmp_path)
+    del rows[4]["conversations"]
+    assert main(_train_args(tmp_path, _write(tmp_path, rows))) == 2
+    assert "train.json row 4: missing field 'conversations'" in capsys.readouterr().err
+
+
+def test_empty_answer(tmp_path, capsys):
+    rows = _rows(tmp_path)
+    rows[1]["conversations"][1]["value"] = "  "
+    assert main(_train_args(tmp_path, _write(tmp_path, rows))) == 2
+    assert "train.json row 1: turn 1 is an empty answer" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_max_length(tmp_path, capsys):
+    rows = _rows(tmp_path)
+    rows[0]["conversations"][0]["value"] = "<image>\n" + "what is this shape " * 40
+    assert main(_train_args(tmp_path, _write(tmp_path, rows), "data.max_length=32")) == 2
+    err = capsys.readouterr().err
+    assert "train sample 0 (id r0): sample r0: max_length=32 cuts every answer" in err
+
+
+def _wav(path, samples, rate=16000):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.asarray(samples) * 32767).astype("<i2").tobytes())
+
+
+def test_corrupt_empty_and_wrong_rate_audio(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    with pytest.raises(MediaError, match=r"bad\.wav"):
+        load_audio(bad)
+    empty = tmp_path / "empty.wav"
+    _wav(empty, [])
+    with pytest.raises(MediaError, match=r"empty\.wav: the clip is empty \(0 samples\)"):
+        load_audio(empty)
+    slow = tmp_path / "8k.wav"
+    t = np.arange(8000) / 8000
+    _wav(slow, 0.5 * np.sin(2 * np.pi * 440 * t), rate=8000)
+    clip = load_audio(slow)  # resampled to 16 kHz, not refused
+    assert clip.shape == (16000,) and clip.dtype == np.float32
+
+
+def test_unknown_key_and_wrong_type(capsys):
+    assert main(["validate-config", TINY, "--set", "commit.gama=0.1"]) == 2
+    assert "unknown key 'commit.gama'; did you mean 'commit.gamma'?" in capsys.readouterr().err
+    assert main(["validate-config", TINY, "--set", "train.lr=fast"]) == 2
+    assert "train.lr: expected a number, got str 'fast'" in capsys.readouterr().err
+
+
+def test_component_without_trainable_parameters(tmp_path, capsys):
+    args = [
+        "train",
+        "--config",
+        TINY,
+        f"run.output_dir={tmp_path}",
+        "train.freeze_encoder=true",
+        "train.freeze_projector=true",
+        *QUIET,
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "component 'encoder' has no trainable parameters" in err
+    assert "commit.strategy=constant" in err
+
+
+def _nan_after(model, bad_steps):
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        # Count training forwards only (the meter's lookaheads run under no_grad).
+        if not torch.is_grad_enabled():
+            return output
+        calls["n"] += 1
+        if calls["n"] - 1 in bad_steps:
+            return (output[0] * float("nan"), *output[1:])
+        return output
+
+    model.vision_projector.register_forward_hook(hook)
+    return calls
+
+
+def test_non_finite_loss_is_skipped_and_counted(tmp_path):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *QUIET, "train.steps=5"])
+    s = setup(cfg, log=lambda _: None)
+    _nan_after(s.parts.model, {2})
+    summary = train(cfg, session=s)
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert recs[2] == {"step": 2, "skipped": "non-finite loss or gradient"}
+    assert all(np.isfinite(r["loss"]) for r in recs if r["step"] != 2)
+    assert summary["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in s.parts.model.parameters())
+
+
+def test_too_many_non_finite_losses_abort_and_keep_the_last_checkpoint(tmp_path):
+    cfg = load_config(
+        TINY,
+        [
+            f"run.output_dir={tmp_path}",
+            *QUIET,
+            "train.steps=8",
+            "train.save_every=2",
+            "train.max_bad_steps=2",
+        ],
+    )
+    s = setup(cfg, log=lambda _: None)
+    _nan_after(s.parts.model, set(range(3, 100)))
+    with pytest.raises(RuntimeError, match=r"step 4: 2 non-finite losses or gradients in a row"):
+        train(cfg, session=s)
+    ckpt = tmp_path / "checkpoints" / "step-00000002"
+    assert (ckpt / "manifest.json").exists()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_loader_errors_are_data_format_errors(tmp_path):
+    from commit_mllm.data import load_llava
+
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"id": 1}\n{"id": 2, "conversations": [\n')
+    with pytest.raises(DataFormatError, match=r"rows\.jsonl line 1: missing field 'conversations'"):
+        load_llava(bad, check_files=False)
