@@ -23,6 +23,7 @@ __all__ = [
     "fault_point",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_trainable",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -153,27 +154,43 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_trainable(model: torch.nn.Module, folder: str | Path) -> None:
+    """Load a checkpoint's trainable weights into ``model`` by parameter name.
+
+    Raises:
+        ValueError: The checkpoint lacks a trainable parameter of the model, has extra ones,
+            or a shape differs (the message names the folder and the tensors).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"{folder}: checkpoint does not match the model built from the config "
+            f"(missing {missing[:3]}, extra {extra[:3]})"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            if weights[name].shape != param.shape:
+                raise ValueError(
+                    f"{folder}: '{name}' has shape {tuple(weights[name].shape)} in the "
+                    f"checkpoint but {tuple(param.shape)} in the model"
+                )
+            param.copy_(weights[name])
+
+
 def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Load weights and optimizer state in place; return the saved state dict.
 
     Raises:
-        ValueError: The checkpoint lacks a trainable parameter of the model, or has extra ones.
+        ValueError: The checkpoint does not match the model (see :func:`load_trainable`).
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    if missing or extra:
-        raise ValueError(
-            f"{path}: checkpoint does not match the model "
-            f"(missing {missing[:3]}, extra {extra[:3]})"
-        )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n])
+    load_trainable(model, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     return torch.load(path / "state.pt", weights_only=False)

@@ -141,25 +141,10 @@ def load_trainable(model: torch.nn.Module, checkpoint: str | os.PathLike) -> Pat
     Raises:
         ValueError: The checkpoint's tensors do not match the model's trainable parameters.
     """
-    from safetensors.torch import load_file
+    from .checkpoint import load_trainable as load_weights
 
     folder = resolve_checkpoint(checkpoint)
-    weights = load_file(str(folder / "trainable.safetensors"))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    if missing or extra:
-        raise ValueError(
-            f"{folder}: checkpoint does not match the model built from the config "
-            f"(missing {missing[:3]}, extra {extra[:3]})"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            if weights[name].shape != param.shape:
-                raise ValueError(
-                    f"{folder}: '{name}' has shape {tuple(weights[name].shape)} in the "
-                    f"checkpoint but {tuple(param.shape)} in the model"
-                )
-            param.copy_(weights[name])
+    load_weights(model, folder)
     return folder
 
 

@@ -124,6 +124,29 @@ def read_json(path: Path, dataset: str, expected: str) -> Any:
         ) from None
 
 
+def read_csv(path: Path, dataset: str, columns: Sequence[str], expected: str) -> list[dict]:
+    """Rows of an annotation CSV (keys and values stripped), checking its required columns.
+
+    Raises:
+        FormatError: The file is missing or lacks a column; the message names the file and
+            says what was ``expected``.
+    """
+    import csv
+
+    if not path.is_file():
+        raise FormatError(f"{dataset}: annotation file '{path}' not found; expected {expected}")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise FormatError(
+                f"{dataset}: '{path.name}' lacks column(s) {', '.join(missing)} "
+                f"(header: {','.join(header) or 'empty'}; expected {expected})"
+            )
+        return [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+
+
 def require(row: Any, keys: Iterable[str], where: str, expected: str) -> None:
     """Raise a :class:`FormatError` naming ``where`` if ``row`` lacks one of ``keys``."""
     if not isinstance(row, dict):

@@ -15,7 +15,6 @@ the majority answer is yes/no, else ``single_word``.
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from commit_mllm.formats import (
     check_split,
     find_dir,
     make_row,
+    read_csv,
 )
 
 __all__ = ["COLUMNS", "SPLITS", "majority", "read"]
@@ -54,22 +54,12 @@ def majority(answers: list[str], confidences: list[str]) -> str:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise FormatError(
-            f"{DATASET}: annotation file '{path}' not found; expected "
-            "clotho_aqa_{train,val,test}.csv with columns file_name,QuestionText,answer,confidence"
-        )
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise FormatError(
-                f"{DATASET}: '{path.name}' lacks column(s) {', '.join(missing)} "
-                f"(header: {','.join(header) or 'empty'}; expected "
-                "file_name,QuestionText,answer,confidence)"
-            )
-        return [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
+    return read_csv(
+        path,
+        DATASET,
+        COLUMNS,
+        "clotho_aqa_{train,val,test}.csv with columns file_name,QuestionText,answer,confidence",
+    )
 
 
 def read(src: Path, split: str, media_root: Path | None) -> list[dict[str, Any]]:

@@ -15,11 +15,17 @@ reading it needs libsndfile >= 1.1 (soundfile >= 0.12 wheels ship it).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
-from commit_mllm.formats import FormatError, check_media, check_split, find_dir, hash_split
+from commit_mllm.formats import (
+    FormatError,
+    check_media,
+    check_split,
+    find_dir,
+    hash_split,
+    read_csv,
+)
 from commit_mllm.formats.macs import caption_rows
 
 __all__ = ["COLUMNS", "SPLITS", "read"]
@@ -30,21 +36,12 @@ COLUMNS = ("caption_id", "track_id", "caption")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise FormatError(
-            f"{DATASET}: annotation file '{path}' not found; expected song_describer.csv "
-            "with columns caption_id,track_id,caption,is_valid_subset,...,path"
-        )
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise FormatError(
-                f"{DATASET}: '{path.name}' lacks column(s) {', '.join(missing)} "
-                f"(header: {','.join(header) or 'empty'})"
-            )
-        return [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    return read_csv(
+        path,
+        DATASET,
+        COLUMNS,
+        "song_describer.csv with columns caption_id,track_id,caption,is_valid_subset,...,path",
+    )
 
 
 def _audio_path(row: dict[str, str], audio_dir: Path) -> Path:
