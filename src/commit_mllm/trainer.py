@@ -340,6 +340,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     from accelerate import Accelerator
 
     t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
     # cpu=True when there is no GPU: that is what makes torchrun start MULTI_CPU (gloo) ranks.
     cpu = t.cpu or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
