@@ -101,6 +101,7 @@ def test_parameters_grads_and_optimizer_state_untouched():
     meter.snapshot(0)
     opt.step()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    storage = {n: p.data_ptr() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     state = copy.deepcopy(opt.state_dict())
     rng = torch.get_rng_state()
@@ -108,6 +109,7 @@ def test_parameters_grads_and_optimizer_state_untouched():
     assert m is not None and m.valid
     for n, p in model.named_parameters():
         assert torch.equal(p, params[n]), n
+        assert p.data_ptr() == storage[n], n  # each parameter gets its own storage back
         assert torch.equal(p.grad, grads[n]), n
     after = opt.state_dict()
     for k, s in state["state"].items():

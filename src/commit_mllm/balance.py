@@ -477,16 +477,25 @@ class BalanceMeter:
             self.model.train(was_training)
 
     def _set_state(self, target: Mapping[str, str]) -> None:
-        """Put each component at theta_t ("old") or theta_{t+1} ("new") by swapping buffers."""
+        """Put each component at theta_t ("old") or theta_{t+1} ("new") by swapping buffers.
+
+        A parameter that owns its storage swaps storage with its snapshot (no copy; an even
+        number of swaps hands every parameter its own storage back). A parameter that is a
+        view into a larger buffer (FSDP / ZeRO flat parameters) swaps values by copying.
+        """
         for c in self.components:
             want = target.get(c.name, "new")
             if self._state.get(c.name) == want or c.frozen:
                 self._state[c.name] = want
                 continue
-            for p, buf in zip(c.params, self._old[c.name]):
-                tmp = p.detach().clone()
-                p.detach().copy_(buf)
-                buf.copy_(tmp)
+            old = self._old[c.name]
+            for i, p in enumerate(c.params):
+                if p.data._base is None and old[i].shape == p.shape:
+                    p.data, old[i] = old[i], p.data
+                else:
+                    tmp = p.detach().clone()
+                    p.detach().copy_(old[i])
+                    old[i].copy_(tmp)
             self._state[c.name] = want
 
     def _summarize(self, step, D, flags, tokens, norms) -> BalanceMeasurement:
