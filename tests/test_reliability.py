@@ -291,3 +291,16 @@ def test_loader_errors_are_data_format_errors(tmp_path):
     bad.write_text('{"id": 1}\n{"id": 2, "conversations": [\n')
     with pytest.raises(DataFormatError, match=r"rows\.jsonl line 1: missing field 'conversations'"):
         load_llava(bad, check_files=False)
+
+
+def test_a_line_cut_by_a_kill_does_not_block_resume(tmp_path):
+    from commit_mllm.tracking import RunFormatError, RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    assert read_jsonl(path) == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.9}]
+    RunLogger(tmp_path, tensorboard=False, resume_step=1).close()
+    assert path.read_text() == '{"step": 0, "loss": 1.0}\n'
+    path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')
+    with pytest.raises(RunFormatError, match=r"metrics\.jsonl:2: invalid JSON"):
+        read_jsonl(path)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .tracking import RunFormatError, read_jsonl
+
 if TYPE_CHECKING:
     import numpy as np
     from matplotlib.axes import Axes
@@ -61,10 +63,6 @@ _BIASED_COLOURS = ("#ff7f0e", "#d62728", "#8c564b", "#e377c2")
 
 # Share of the first steps whose mean normalizes a gradient norm (the paper's Fig. 3).
 GRAD_NORM_REFERENCE_FRACTION = 0.05
-
-
-class RunFormatError(ValueError):
-    """A run folder's file is missing or cannot be parsed (the message names file and line)."""
 
 
 class PlotFiles(list):
@@ -184,43 +182,6 @@ def _series(
 
 # --------------------------------------------------------------------------------------
 # Loading
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file of objects.
-
-    Blank lines are skipped. A final line without a newline that does not parse is taken
-    as a record the trainer is still writing: it is skipped with a warning.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The records, in file order.
-
-    Raises:
-        RunFormatError: A line is not a JSON object (the message names file and line).
-    """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if lineno == len(lines) and not text.endswith("\n"):
-                logger.warning("%s:%d: skipping a partial last line (%s)", path, lineno, exc.msg)
-                continue
-            raise RunFormatError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict):
-            raise RunFormatError(
-                f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
-            )
-        records.append(rec)
-    return records
 
 
 def load_run(run_dir: str | Path) -> Run:

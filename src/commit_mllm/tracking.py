@@ -7,12 +7,15 @@ first, so the logs of a resumed run equal those of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "read_jsonl"]
+__all__ = ["RunFormatError", "RunLogger", "read_jsonl"]
+
+logger = logging.getLogger(__name__)
 
 
 def _clean(value: Any) -> Any:
@@ -21,20 +24,42 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file ([] when missing); errors name the file and line."""
+class RunFormatError(ValueError):
+    """A run folder's file is missing or cannot be parsed (the message names file and line)."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a run's JSON-lines file, in file order ([] when the file is missing).
+
+    Blank lines are skipped. A final line without a newline that does not parse is a record
+    the writer was killed in the middle of (or is still writing): it is skipped with a
+    warning, so a run killed mid-write can still be resumed and plotted.
+
+    Raises:
+        RunFormatError: Any other line is not a JSON object (the message names file and line).
+    """
     path = Path(path)
     if not path.exists():
         return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i}: invalid JSON ({e.msg})") from None
-    return out
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines) and not text.endswith("\n"):
+                logger.warning("%s:%d: skipping a partial last line (%s)", path, lineno, exc.msg)
+                continue
+            raise RunFormatError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise RunFormatError(
+                f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
+            )
+        records.append(rec)
+    return records
 
 
 class RunLogger:
