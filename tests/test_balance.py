@@ -265,3 +265,67 @@ def test_meter_argument_errors():
         BalanceMeter(model, comps, dropout="maybe")
     with pytest.raises(ValueError, match="rows"):
         BalanceMeter(model, comps, rows=1.5)
+
+
+def _flatten_into_one_buffer(model):
+    """Make every parameter a view into one flat buffer, as FSDP / ZeRO flat parameters are."""
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def test_views_into_a_flat_buffer_are_written_in_place():
+    batch = make_batch()
+    results = []
+    for flat_params in (False, True):
+        torch.manual_seed(3)
+        model = ToyMLLM()
+        flat = _flatten_into_one_buffer(model) if flat_params else None
+        comps = Components.from_model(model, TWO, lrs=0.05)
+        meter = BalanceMeter(model, comps)
+        opt = torch.optim.SGD(comps.param_groups())
+        F.cross_entropy(meter.forward(batch), targets(batch)).backward()
+        meter.snapshot(0)
+        opt.step()
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        results.append(meter.measure(0))
+        for n, p in model.named_parameters():
+            assert torch.equal(p, after[n]), n
+        if flat is not None:
+            ptrs = [p.data_ptr() for p in model.parameters()]
+            start, size = flat.data_ptr(), flat.numel() * flat.element_size()
+            assert all(start <= q < start + size for q in ptrs)  # still views of the buffer
+    plain, viewed = results
+    assert plain.D["encoder"] > 0 and plain.D["llm"] > 0
+    assert pytest.approx(plain.D, rel=1e-12) == viewed.D
+
+
+def test_sharded_meter_sums_update_norms_over_ranks():
+    torch.manual_seed(4)
+    batch = make_batch()
+    norms = []
+    for sharded in (False, True):
+        torch.manual_seed(4)
+        model = ToyMLLM()
+        comps = Components.from_model(model, TWO, lrs=0.05)
+        calls = []
+
+        def twice(t, calls=calls):  # two ranks holding equal shards
+            calls.append(t.clone())
+            t.mul_(2)
+
+        meter = BalanceMeter(model, comps, all_reduce=twice, sharded=sharded)
+        opt = torch.optim.SGD(comps.param_groups())
+        F.cross_entropy(meter.forward(batch), targets(batch)).backward()
+        meter.snapshot(0)
+        opt.step()
+        norms.append(meter.measure(0).update_norms)
+        assert len(calls) == (2 if sharded else 1)  # + the KL sums, always
+    for c in ("encoder", "llm"):
+        assert norms[1][c] == pytest.approx(norms[0][c] * math.sqrt(2), rel=1e-9)
+    with pytest.raises(ValueError, match="sharded parameters need all_reduce"):
+        BalanceMeter(model, comps, sharded=True)

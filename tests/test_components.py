@@ -104,3 +104,20 @@ def test_grad_norms():
         p.grad = torch.ones_like(p)
     norms = component_grad_norms(comps)
     assert norms["llm"] == pytest.approx(comps["llm"].numel ** 0.5)
+
+
+def test_grad_norms_sum_squares_over_ranks():
+    model = ToyMLLM()
+    comps = Components.from_model(model, TWO, 1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    seen = []
+
+    def two_ranks(t):  # both ranks hold a shard with the same entries
+        seen.append(t.dtype)
+        t.mul_(2)
+
+    norms = component_grad_norms(comps, two_ranks)
+    assert seen == [torch.float64]
+    assert norms["llm"] == pytest.approx((2 * comps["llm"].numel) ** 0.5)
+    assert norms["encoder"] == pytest.approx((2 * comps["encoder"].numel) ** 0.5)

@@ -260,6 +260,10 @@ class BalanceMeter:
             ``("llm", other)`` when a component is named ``llm``, else (last, first).
         all_reduce: Optional in-place SUM all-reduce of a float64 tensor, so that every rank
             gets the same D_c from the global batch (per-component KL sums and token counts).
+        sharded: Parameters are shards (FSDP ``use_orig_params``): update norms and the
+            zero-update test are summed over ranks (needs ``all_reduce``), and theta_t /
+            theta_{t+1} are swapped by copying values into the shards, never by swapping
+            storage (the shards are views that FSDP gathers from).
     """
 
     def __init__(
@@ -279,7 +283,10 @@ class BalanceMeter:
         skip_zero_update: bool = True,
         pair: tuple[str, str] | None = None,
         all_reduce: Callable[[torch.Tensor], Any] | None = None,
+        sharded: bool = False,
     ):
+        if sharded and all_reduce is None:
+            raise ValueError("sharded parameters need all_reduce (norms are summed over ranks)")
         if every < 1:
             raise ValueError(f"every (K) must be >= 1, got {every}")
         if dropout not in ("replay", "off"):
@@ -298,6 +305,7 @@ class BalanceMeter:
         self.eps, self.kappa_clip = eps, kappa_clip
         self.kl_dtype, self.kl_chunk = kl_dtype, kl_chunk
         self.skip_zero_update, self.all_reduce = skip_zero_update, all_reduce
+        self.sharded = sharded
         self.pair = pair or _default_pair(components.names)
         self._cacheable = self._cacheable_components()
         self._ref: _Reference | None = None
@@ -401,19 +409,25 @@ class BalanceMeter:
         return self._summarize(step, D, flags, tokens, norms)
 
     def _update_norms(self) -> tuple[dict[str, float], dict[str, str]]:
-        norms, flags = {}, {}
-        for c in self.components:
-            if c.frozen:
-                norms[c.name], flags[c.name] = 0.0, "frozen"
-                continue
+        moving = [c for c in self.components if not c.frozen]
+        # Per moving component: sum of squared update entries and the count of parameters
+        # that changed at all (a zero norm can hide sub-normal differences).
+        stats = torch.zeros(2 * len(moving), dtype=torch.float64)
+        for i, c in enumerate(moving):
             old = self._old[c.name]
-            sq = torch.stack(
-                [(p.detach().float() - o.float()).pow(2).sum() for p, o in zip(c.params, old)]
-            )
-            norms[c.name] = math.sqrt(float(sq.sum()))
-            # A zero norm can hide sub-normal differences: confirm exact equality.
-            zero = norms[c.name] == 0.0 and all(torch.equal(p, o) for p, o in zip(c.params, old))
-            if self.skip_zero_update and zero:
+            sq = [(p.detach().float() - o.float()).pow(2).sum() for p, o in zip(c.params, old)]
+            stats[2 * i] = float(torch.stack(sq).sum()) if sq else 0.0
+            stats[2 * i + 1] = sum(not torch.equal(p, o) for p, o in zip(c.params, old))
+        if self.sharded:
+            device = next((p.device for c in moving for p in c.params), stats.device)
+            stats = stats.to(device)
+            self.all_reduce(stats)
+            stats = stats.cpu()
+        norms = {c.name: 0.0 for c in self.components}
+        flags = {c.name: "frozen" for c in self.components if c.frozen}
+        for i, c in enumerate(moving):
+            norms[c.name] = math.sqrt(float(stats[2 * i]))
+            if self.skip_zero_update and stats[2 * i + 1] == 0:
                 flags[c.name] = "zero_update"
         return norms, flags
 
@@ -479,9 +493,10 @@ class BalanceMeter:
     def _set_state(self, target: Mapping[str, str]) -> None:
         """Put each component at theta_t ("old") or theta_{t+1} ("new") by swapping buffers.
 
-        A parameter that owns its storage swaps storage with its snapshot (no copy; an even
-        number of swaps hands every parameter its own storage back). A parameter that is a
-        view into a larger buffer (FSDP / ZeRO flat parameters) swaps values by copying.
+        A parameter that owns its whole storage swaps storage with its snapshot (no copy; an
+        even number of swaps hands every parameter its own storage back). A parameter that is
+        a view into a larger buffer (FSDP / ZeRO flat parameters, always when ``sharded``)
+        swaps values by copying, so the buffer the wrapper reads sees the change.
         """
         for c in self.components:
             want = target.get(c.name, "new")
@@ -490,7 +505,7 @@ class BalanceMeter:
                 continue
             old = self._old[c.name]
             for i, p in enumerate(c.params):
-                if p.data._base is None and old[i].shape == p.shape:
+                if not self.sharded and _owns_storage(p) and old[i].shape == p.shape:
                     p.data, old[i] = old[i], p.data
                 else:
                     tmp = p.detach().clone()
@@ -510,6 +525,16 @@ class BalanceMeter:
             num, den = self.pair
             kappa = min(max(math.exp(logs[num] - logs[den]), lo), hi)
         return BalanceMeasurement(step, D, kappa, kappa_c, shares, flags, tokens, norms, self.pair)
+
+
+def _owns_storage(p: torch.Tensor) -> bool:
+    """True when ``p`` is the only tensor in its storage (not a view into a flat buffer)."""
+    data = p.data
+    return (
+        data._base is None
+        and data.storage_offset() == 0
+        and data.untyped_storage().nbytes() == data.numel() * data.element_size()
+    )
 
 
 def _adapter_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:

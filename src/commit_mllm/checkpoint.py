@@ -23,6 +23,7 @@ __all__ = [
     "fault_point",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_optimizer",
     "load_trainable",
     "rng_state",
     "save_checkpoint",
@@ -88,6 +89,9 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int = 2,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` (the number of optimizer steps done) atomically.
 
@@ -98,6 +102,10 @@ def save_checkpoint(
         optimizer: Its state dict is saved.
         state: Anything else (CoMMIT state, RNG states, counters), saved with torch.save.
         keep_last: Complete checkpoints to keep (older ones are removed after the rename).
+        weights: Trainable weights by name, instead of reading ``model`` (gathered from
+            FSDP shards, see :func:`commit_mllm.sharding.full_state`).
+        optimizer_state: Optimizer state instead of ``optimizer.state_dict()`` (every FSDP
+            rank's shard); recorded as ``optimizer_format: fsdp`` in ``state.pt``.
 
     Returns:
         The checkpoint folder.
@@ -111,12 +119,16 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     tmp.mkdir()
-    weights = {
-        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
-    }
+    if weights is None:
+        weights = {
+            n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+        }
     save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, **state}, tmp / "state.pt")
+    fmt = "torch" if optimizer_state is None else "fsdp"
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save({"step": step, "optimizer_format": fmt, **state}, tmp / "state.pt")
     for name in ("trainable.safetensors", "optimizer.pt", "state.pt"):
         _fsync(tmp / name)
     fault_point(f"save:{step}:weights")
@@ -182,6 +194,27 @@ def load_trainable(model: torch.nn.Module, folder: str | Path) -> None:
             param.copy_(weights[name])
 
 
+def load_optimizer(path: str | Path, fsdp: bool) -> dict[str, Any]:
+    """A checkpoint's optimizer state, checked against how the run is sharded.
+
+    Args:
+        path: The checkpoint folder.
+        fsdp: Whether the resuming run uses FSDP (its optimizer state is per rank).
+
+    Raises:
+        ValueError: The checkpoint was written with the other setting (says which).
+    """
+    path = Path(path)
+    fmt = torch.load(path / "state.pt", weights_only=False).get("optimizer_format", "torch")
+    if (fmt == "fsdp") != fsdp:
+        written, now = ("with", "without") if fmt == "fsdp" else ("without", "with")
+        raise ValueError(
+            f"{path}: the optimizer state was written {written} FSDP but this run is {now} it "
+            "(FSDP = train.fsdp with more than one process): resume the way it was written"
+        )
+    return torch.load(path / "optimizer.pt", weights_only=False)
+
+
 def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
@@ -192,5 +225,5 @@ def load_checkpoint(
     """
     path = Path(path)
     load_trainable(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optimizer.load_state_dict(load_optimizer(path, fsdp=False))
     return torch.load(path / "state.pt", weights_only=False)

@@ -20,9 +20,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -274,18 +276,30 @@ def check_param_groups(optimizer: torch.optim.Optimizer, components: Components)
                 raise ComponentError(f"trainable parameter '{pname}' is in no optimizer group")
 
 
-def component_grad_norms(components: Components) -> dict[str, float]:
+def component_grad_norms(
+    components: Components, all_reduce: Callable[[torch.Tensor], Any] | None = None
+) -> dict[str, float]:
     """L2 norm of each component's current gradient (0.0 where there is none).
+
+    Args:
+        components: The components.
+        all_reduce: In-place SUM all-reduce, for sharded parameters (FSDP): each rank holds
+            a slice of every gradient, so the squared norms are summed over ranks. Leave it
+            None when gradients are replicated (one process, DDP).
 
     Returns:
         Component name -> ||g_c||_2, computed in float32 over all its parameters.
     """
-    norms = {}
+    sq = []
     for c in components:
-        grads = [p.grad for p in c.params if p.grad is not None]
-        if not grads:
-            norms[c.name] = 0.0
-            continue
-        sq = sum(g.detach().float().pow(2).sum() for g in grads)
-        norms[c.name] = float(torch.as_tensor(sq).sqrt())
-    return norms
+        grads = [p.grad for p in c.params if p.grad is not None and p.grad.numel()]
+        s = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else None
+        sq.append(torch.zeros((), dtype=torch.float64) if s is None else s.cpu().double())
+    if not sq:
+        return {}
+    total = torch.stack(sq)
+    if all_reduce is not None:
+        device = next((p.device for c in components for p in c.params), total.device)
+        total = total.to(device)
+        all_reduce(total)
+    return {c.name: math.sqrt(float(v)) for c, v in zip(components, total.tolist())}

@@ -157,6 +157,9 @@ class TrainSection:
         cpu: Force the CPU even when a GPU is present.
         num_threads: torch CPU threads per process (None = torch's default); on a shared
             CPU one thread per process is often several times faster.
+        fsdp: Shard parameters, gradients and optimizer state over the processes with torch
+            FSDP (``use_orig_params``, full shard, one unit per transformer layer) instead of
+            replicating them with DDP. Ignored with one process.
         eval_every: Evaluate every E steps (0 = only at the end).
         eval_batch_size: Generation batch size.
         max_new_tokens: Generation length.
@@ -187,6 +190,7 @@ class TrainSection:
     mixed_precision: str = "no"
     cpu: bool = False
     num_threads: int | None = None
+    fsdp: bool = False
     eval_every: int = 0
     eval_batch_size: int = 32
     max_new_tokens: int = 8
@@ -243,6 +247,15 @@ class RunConfig:
                 section, _, name = key.rpartition(".")
                 obj = getattr(self, section) if section else self
                 raise ConfigError(f"{key} = {getattr(obj, name)!r} is invalid: use {allowed}")
+        if t.fsdp and t.mixed_precision == "fp16":
+            raise ConfigError(
+                "train.mixed_precision = 'fp16' is invalid with train.fsdp = true: use bf16 or no"
+            )
+        if t.fsdp and self.commit.lagging_only:
+            raise ConfigError(
+                "commit.lagging_only = true is invalid with train.fsdp = true (FSDP parameters "
+                "are flattened shards; autograd cannot single one component out): use false"
+            )
         if d.task is None and d.train_file is None:
             raise ConfigError("data: set data.task (easy-vqa, tones-aqa) or data.train_file")
         if d.task is not None and d.task not in ("easy-vqa", "tones-aqa"):

@@ -102,6 +102,9 @@ class CoMMIT:
             model's encode/decode, else ``model(**batch).logits`` at supervised positions.
         autocast: Context-manager factory of the training forward (reused by the meter).
         all_reduce: In-place SUM all-reduce for multi-process training.
+        sharded: Parameters and gradients are FSDP shards (``use_orig_params``): gradient
+            and update norms are summed over ranks; pass the FSDP-wrapped model and a
+            ``forward_fn`` that calls it, so every lookahead gathers the parameters.
     """
 
     def __init__(
@@ -118,9 +121,12 @@ class CoMMIT:
         forward_fn: ForwardFn | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         all_reduce: Callable[[torch.Tensor], Any] | None = None,
+        sharded: bool = False,
     ):
         check_param_groups(optimizer, components)
         cfg = config or CoMMITConfig()
+        if sharded and cfg.lagging_only:
+            raise ValueError("lagging_only is not supported with sharded (FSDP) parameters")
         self.config, self.model, self.optimizer, self.components = cfg, model, optimizer, components
         self.meter = BalanceMeter(
             model,
@@ -132,7 +138,9 @@ class CoMMIT:
             dropout=cfg.dropout,
             kl_dtype=getattr(torch, cfg.kl_dtype),
             all_reduce=all_reduce,
+            sharded=sharded,
         )
+        self._norm_reduce = all_reduce if sharded else None
         self.tracker = BalanceTracker(
             components.names,
             self.meter.pair,
@@ -206,7 +214,7 @@ class CoMMIT:
         Returns:
             Component -> ||g_c||_2 before the strategy touched the gradients.
         """
-        self._grad_norms = component_grad_norms(self.components)
+        self._grad_norms = component_grad_norms(self.components, self._norm_reduce)
         self._coeffs = self.strategy.apply(self.step, self.tracker.z_bar)
         return self._grad_norms
 

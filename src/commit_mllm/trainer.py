@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from . import sharding
 from .assembly import Assembly, assemble
 from .balance import supervised_mask
 from .checkpoint import (
     fault_point,
     latest_checkpoint,
-    load_checkpoint,
+    load_optimizer,
+    load_trainable,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -81,7 +83,7 @@ def train(
         acc.unscale_gradients()
         commit.after_backward()
         # ---- clip; a non-finite loss or gradient skips the step ---------------------------
-        total_norm = acc.clip_grad_norm_(s.params, t.max_grad_norm) if t.max_grad_norm else None
+        total_norm = s.clip_gradients()
         if not _finite(ce_sum + aux_sum, total_norm):
             s.skip_step(step)
             bar.update(1)
@@ -238,6 +240,7 @@ class Session:
     ddp: torch.nn.Module | None
     start_step: int
     run_dir: Path
+    fsdp: torch.nn.Module | None = None
     bad_in_a_row: int = 0
     skipped_steps: int = 0
     skipped_samples: int = 0
@@ -253,6 +256,18 @@ class Session:
                     f.writelines(json.dumps(r) + "\n" for r in skipped)
         dev = self.accelerator.device
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Clip to ``train.max_grad_norm`` (None when 0); return the total norm before it.
+
+        Under FSDP the norm is taken over every rank's shards.
+        """
+        max_norm = self.cfg.train.max_grad_norm
+        if not max_norm:
+            return None
+        if self.fsdp is not None:
+            return self.fsdp.clip_grad_norm_(max_norm)
+        return self.accelerator.clip_grad_norm_(self.params, max_norm)
 
     def skip_step(self, step: int) -> None:
         """Drop a step whose loss or gradient is not finite; abort after too many in a row.
@@ -292,13 +307,18 @@ class Session:
         )
 
     def evaluate(self, step: int) -> dict | None:
-        """Evaluate on the held-out set (main process); log and write predictions."""
+        """Evaluate on the held-out set (main process); log and write predictions.
+
+        Under FSDP every rank generates (the gathered forward is a collective) and only the
+        main process writes.
+        """
         if self.parts.eval_set is None or not len(self.parts.eval_set):
             return None
         result = None
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.fsdp is not None:
             t = self.cfg.train
-            with torch.random.fork_rng(devices=[]):  # generation must not shift training RNG
+            # Generation must not shift the training RNG.
+            with torch.random.fork_rng(devices=[]), sharding.gathered(self.fsdp):
                 result, preds = evaluate(
                     self.parts.model,
                     self.parts.collator,
@@ -308,6 +328,7 @@ class Session:
                     self.accelerator.device,
                     self.accelerator.autocast,
                 )
+        if self.accelerator.is_main_process:
             self.logger.log_eval({"step": step, **result})
             path = self.run_dir / "predictions" / f"step-{step:08d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,12 +337,21 @@ class Session:
         return result
 
     def save(self, step: int) -> None:
-        """Write checkpoint ``step`` (main process)."""
+        """Write checkpoint ``step`` (main process; under FSDP every rank gathers first)."""
+        weights = optim = None
+        if self.fsdp is not None:
+            weights, optim = sharding.full_state(self.fsdp, self.optimizer, self.parts.model)
         if self.accelerator.is_main_process:
             state = {"commit": self.commit.state_dict(), "rng": rng_state()}
-            model = self.accelerator.unwrap_model(self.parts.model)
             save_checkpoint(
-                self.run_dir, step, model, self.optimizer, state, self.cfg.train.keep_last
+                self.run_dir,
+                step,
+                self.parts.model,
+                self.optimizer,
+                state,
+                self.cfg.train.keep_last,
+                weights=weights,
+                optimizer_state=optim,
             )
         self.accelerator.wait_for_everyone()
 
@@ -351,14 +381,13 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     say(f"strategy: {cfg.commit.strategy}  device: {acc.device}  processes: {acc.num_processes}")
     say(parts.components.table())
     _check_trainable(parts.components, cfg.commit.strategy)
-    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
-    optimizer = opt_cls(parts.components.param_groups())
-    model, optimizer = acc.prepare(parts.model, optimizer)
-    ddp = model if acc.num_processes > 1 else None
-    parts.model = acc.unwrap_model(model)
-    all_reduce = _all_reduce if acc.num_processes > 1 else None
+    ckpt = _checkpoint_to_resume(run_dir, resume, say)
+    if ckpt is not None:  # weights go in before any wrapper shards or replicates them
+        load_trainable(parts.model, ckpt)
+    optimizer, ddp, fsdp = _wrap(acc, parts, t, say)
+    wrapped = fsdp if fsdp is not None else ddp
     commit = CoMMIT(
-        parts.model,
+        fsdp if fsdp is not None else parts.model,
         optimizer,
         parts.components,
         cfg.commit,
@@ -366,11 +395,12 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         warmup_steps=t.warmup_steps,
         schedule=t.schedule,
         min_lr_ratio=t.min_lr_ratio,
-        forward_fn=(lambda m, b: m(**b).logits) if ddp is not None else None,
+        forward_fn=(lambda m, b: m(**b).logits) if wrapped is not None else None,
         autocast=acc.autocast,
-        all_reduce=all_reduce,
+        all_reduce=_all_reduce if acc.num_processes > 1 else None,
+        sharded=fsdp is not None,
     )
-    start = _restore(cfg, run_dir, resume, parts, optimizer, commit, say)
+    start = _restore(ckpt, fsdp, optimizer, commit, say)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -394,7 +424,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     )
     params = [p for c in parts.components for p in c.params]
     return Session(
-        cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir
+        cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
     )
 
 
@@ -411,14 +441,51 @@ def _check_trainable(components: Any, strategy: str) -> None:
             )
 
 
-def _restore(cfg, run_dir, resume, parts, optimizer, commit, say) -> int:
+def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tuple:
+    """The optimizer over the components' named groups, and the model's wrapper.
+
+    FSDP when asked for (``train.fsdp``) or launched with accelerate's FSDP plugin, with more
+    than one process; else accelerate's own preparation (DDP with several processes).
+
+    Returns:
+        ``(optimizer, ddp, fsdp)``; the wrapper that does not apply is None.
+    """
+    from accelerate.utils import DistributedType
+
+    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
+    plugin = acc.distributed_type == DistributedType.FSDP
+    if (t.fsdp or plugin) and acc.num_processes > 1:
+        how = "train.fsdp" if t.fsdp else "accelerate's FSDP plugin (its options are not used)"
+        fsdp = sharding.wrap(parts.model, acc.device)  # before the optimizer sees the shards
+        say(f"fsdp: full shard over {acc.num_processes} processes, use_orig_params ({how})")
+        return opt_cls(parts.components.param_groups()), None, fsdp
+    if t.fsdp:
+        say("fsdp: one process, nothing to shard; training unwrapped")
+    optimizer = opt_cls(parts.components.param_groups())
+    model, optimizer = acc.prepare(parts.model, optimizer)
+    parts.model = acc.unwrap_model(model)
+    return optimizer, (model if acc.num_processes > 1 else None), None
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: bool, say: Callable[[str], None]) -> Path | None:
     if not resume:
-        return 0
+        return None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         say(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
+    return ckpt
+
+
+def _restore(ckpt: Path | None, fsdp: Any, optimizer: Any, commit: CoMMIT, say) -> int:
+    """Optimizer, CoMMIT and RNG state of ``ckpt`` (its weights are already loaded)."""
+    if ckpt is None:
         return 0
-    state = load_checkpoint(ckpt, parts.model, optimizer)
+    optim = load_optimizer(ckpt, fsdp=fsdp is not None)
+    if fsdp is not None:
+        sharding.load_optimizer_state(optimizer, optim)
+    else:
+        optimizer.load_state_dict(optim)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
     commit.load_state_dict(state["commit"])
     set_rng_state(state["rng"])
     say(f"resume: from {ckpt} (step {state['step']})")
