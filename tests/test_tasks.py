@@ -177,7 +177,16 @@ def test_tones_aqa_export_wavs_roundtrip(tmp_path):
 
 # --------------------------------------------------------------------------- registry
 def test_registry_texts_answers_and_errors():
-    assert TASKS == ("easy-vqa", "tones-aqa") and MODALITY["tones-aqa"] == "audio"
+    assert TASKS == ("easy-vqa", "tones-aqa", "tones-shapes") and MODALITY["tones-aqa"] == "audio"
+    assert MODALITY["tones-shapes"] == "image+audio"
+    # "all" stays the two single-modality tasks: the cached tiny tokenizer is trained on them.
+    assert list(task_texts("all")) == [*task_texts("easy-vqa"), *task_texts("tones-aqa")]
+    shapes = load_task("tones-shapes", "test", max_samples=6)
+    assert len(shapes) == 6 and shapes[0]["image"] is not None and shapes[0]["audio"] is not None
+    assert task_question_types("tones-shapes") == ("and", "select", "count")
+    assert {shapes[i]["conversations"][1]["value"] for i in range(6)} <= set(
+        task_answers("tones-shapes")
+    )
     texts = list(task_texts("tones-aqa"))
     assert "how many tones are there?" in texts and "four" in texts
     assert not any("<audio>" in t for t in texts)
@@ -186,5 +195,7 @@ def test_registry_texts_answers_and_errors():
     assert len(task_answers("easy-vqa")) == 13
     assert task_answers("tones-aqa") == ["down", "four", "no", "one", "three", "two", "up", "yes"]
     assert task_question_types("easy-vqa") == ("yes/no", "negation", "colour", "shape")
-    with pytest.raises(ValueError, match="unknown task 'mnist'; available: easy-vqa, tones-aqa"):
+    with pytest.raises(
+        ValueError, match="unknown task 'mnist'; available: easy-vqa, tones-aqa, tones-shapes"
+    ):
         load_task("mnist")

@@ -283,3 +283,32 @@ def test_demo_runs_end_to_end_on_tiny_parts(tmp_path, capsys):
     assert "| constant |" in out and "| commit |" in out and "median log kappa" in out
     assert (tmp_path / "easy-vqa" / "compare.md").exists()
     assert (tmp_path / "easy-vqa" / "commit" / "plots" / "kappa.png").exists()
+
+
+def test_tones_shapes_trains_three_components(tmp_path):
+    """The vision + audio task through the trainer: components vision, audio, llm."""
+    cfg = load_config(
+        TINY,
+        [
+            f"run.output_dir={tmp_path}",
+            "data.task=tones-shapes",
+            "data.max_train_samples=24",
+            "data.max_eval_samples=6",
+            "train.steps=3",
+            "train.batch_size=3",
+            "train.encoder_lr=0.002",
+            "train.llm_lr=0.001",
+            "commit.strategy=commit",
+        ],
+    )
+    session = setup(cfg, log=lambda _: None)
+    assert session.parts.components.names == ["vision", "audio", "llm"]
+    base = {g["name"]: g["base_lr"] for g in session.optimizer.param_groups}
+    assert base == {"vision": 0.002, "audio": 0.002, "llm": 0.001}
+    summary = train(cfg, session=session, log=lambda _: None)
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    last = recs[-1]
+    for c in ("vision", "audio", "llm"):
+        assert last[f"D/{c}"] > 0 and math.isfinite(last[f"kappa_c/{c}"]), c
+    assert last["kappa"] is None  # no pair of three components
+    assert {"accuracy/and", "accuracy/select", "accuracy/count"} <= set(summary)

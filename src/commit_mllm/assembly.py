@@ -83,46 +83,67 @@ class Assembly:
 
 
 def _modality(cfg: RunConfig) -> str:
+    """``image``, ``audio`` or ``image+audio``: the task's, else the model config's encoders."""
     if cfg.data.task is not None:
         return MODALITY[cfg.data.task]
-    return "audio" if cfg.model.mllm.audio is not None else "image"
+    mllm = cfg.model.mllm
+    if mllm.vision is not None and mllm.audio is not None:
+        return "image+audio"
+    return "audio" if mllm.audio is not None else "image"
 
 
 def tiny_random_mllm(modality: str, image_size: int = 64) -> MLLMConfig:
     """A tiny MLLM from configs (random weights): 2 layers, hidden 64.
 
     Args:
-        modality: ``image`` (CLIP vision) or ``audio`` (Whisper encoder).
+        modality: ``image`` (CLIP vision), ``audio`` (Whisper encoder) or ``image+audio``.
         image_size: Image side for the vision encoder.
     """
     cfg = MLLMConfig(llm=LLMConfig(config=dict(TINY_LLM)))
-    if modality == "image":
+    if "image" in modality:
         cfg.vision = VisionEncoderConfig(config={**TINY_CLIP, "image_size": image_size})
-    else:
+    if "audio" in modality:
         cfg.audio = AudioEncoderConfig(config=dict(TINY_WHISPER))
     return cfg
 
 
-def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Path]:
+def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Path, dict]:
+    """The cached tiny pretrained parts: per encoder, the parts of its single-modality task.
+
+    ``image+audio`` takes the LLM and vision parts from easy-vqa's folder and the audio
+    encoder and projector from tones-aqa's (both share one tokenizer, checked).
+    """
     from .pretrain import prepare_tiny_parts, tiny_mllm_config
 
-    task = cfg.data.task or ("tones-aqa" if modality == "audio" else "easy-vqa")
-    folder = prepare_tiny_parts(task, cfg.run.cache_dir, log=logger.info)
-    return tiny_mllm_config(folder), folder
+    folders = {}
+    for m, task in (("image", "easy-vqa"), ("audio", "tones-aqa")):
+        if m in modality:
+            folders[m] = prepare_tiny_parts(task, cfg.run.cache_dir, log=logger.info)
+    first = folders.get("image") or folders["audio"]
+    base = tiny_mllm_config(first)
+    if len(folders) == 2:
+        tokenizers = [(f / "tokenizer" / "tokenizer.json").read_bytes() for f in folders.values()]
+        if tokenizers[0] != tokenizers[1]:
+            raise ValueError(f"tiny parts {list(folders.values())} use different tokenizers")
+        audio = tiny_mllm_config(folders["audio"])
+        base.audio, base.audio_projector = audio.audio, audio.audio_projector
+    return base, first, {m: str(f / "encoder") for m, f in folders.items()}
 
 
-def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, str | None]:
-    """The MLLM config, tokenizer and processor folder of the run (filled in for presets)."""
+def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, dict[str, str | None]]:
+    """The MLLM config, tokenizer and processor folders by modality (presets fill them in)."""
     from transformers import AutoTokenizer
 
     user = cfg.model.mllm
     if cfg.model.preset == "tiny-random":
         base = tiny_random_mllm(modality, cfg.model.image_size)
-        tokenizer, processor = train_tiny_tokenizer(task_texts("all")), None
+        texts = list(task_texts("all"))
+        if cfg.data.task is not None and cfg.data.task not in ("easy-vqa", "tones-aqa"):
+            texts += list(task_texts(cfg.data.task))
+        tokenizer, processors = train_tiny_tokenizer(texts), {}
     elif cfg.model.preset == "tiny-pretrained":
-        base, folder = _tiny_pretrained_mllm(cfg, modality)
+        base, folder, processors = _tiny_pretrained_mllm(cfg, modality)
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        processor = str(folder / "encoder")
     else:
         base = copy.deepcopy(user)
         name = cfg.model.tokenizer or base.llm.name_or_path
@@ -131,43 +152,54 @@ def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, str | None]
                 "model.tokenizer: give a tokenizer when the LLM is built from a config"
             )
         tokenizer = AutoTokenizer.from_pretrained(name)
-        return base, tokenizer, cfg.model.processor
+        one = "image" if modality == "image+audio" else modality
+        return base, tokenizer, {one: cfg.model.processor}
     # A preset fills the parts; the user's freezing, LoRA and projectors still apply.
     base.vision_projector, base.audio_projector = user.vision_projector, user.audio_projector
     for part in ("llm", "vision", "audio"):
         mine, theirs = getattr(base, part), getattr(user, part)
         if mine is not None and theirs is not None:
             mine.freeze, mine.lora, mine.dtype = theirs.freeze, theirs.lora, theirs.dtype
-    return base, tokenizer, processor
+    return base, tokenizer, processors
 
 
-def _processors(mcfg: MLLMConfig, modality: str, name: str | None, size: int) -> tuple[Any, Any]:
-    """The image processor or feature extractor of the run.
+def _processors(
+    mcfg: MLLMConfig, modality: str, names: dict[str, str | None], size: int
+) -> tuple[Any, Any]:
+    """The image processor and / or feature extractor of the run.
 
-    From ``name`` (a folder or hub id), else the encoder's own folder, else a default one
-    (the tiny random preset).
+    Each from ``names[modality]`` (a folder or hub id), else its encoder's own folder, else a
+    default one (the tiny random preset).
     """
+    image = _image_processor(mcfg, names.get("image"), size) if "image" in modality else None
+    audio = _feature_extractor(mcfg, names.get("audio")) if "audio" in modality else None
+    return image, audio
+
+
+def _feature_extractor(mcfg: MLLMConfig, name: str | None) -> Any:
+    from transformers import WhisperFeatureExtractor
+
+    name = name or (mcfg.audio.name_or_path if mcfg.audio else None)
+    if name is None:
+        return WhisperFeatureExtractor(feature_size=80)
+    return WhisperFeatureExtractor.from_pretrained(name)
+
+
+def _image_processor(mcfg: MLLMConfig, name: str | None, size: int) -> Any:
     import transformers
-    from transformers import AutoImageProcessor, WhisperFeatureExtractor
+    from transformers import AutoImageProcessor
 
     # The PIL processor: torchvision (the default backend) is often not installed.
     clip_processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-
-    if modality == "audio":
-        name = name or (mcfg.audio.name_or_path if mcfg.audio else None)
-        if name is None:
-            return None, WhisperFeatureExtractor(feature_size=80)
-        return None, WhisperFeatureExtractor.from_pretrained(name)
     name = name or (mcfg.vision.name_or_path if mcfg.vision else None)
     if name is None:
-        return (
-            clip_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-            None,
+        return clip_processor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
     try:
-        return AutoImageProcessor.from_pretrained(name, backend="pil"), None
+        return AutoImageProcessor.from_pretrained(name, backend="pil")
     except (TypeError, ValueError):
-        return AutoImageProcessor.from_pretrained(name), None
+        return AutoImageProcessor.from_pretrained(name)
 
 
 def _apply_freeze(mcfg: MLLMConfig, cfg: RunConfig) -> None:
@@ -214,7 +246,9 @@ def build_components(model: torch.nn.Module, cfg: RunConfig) -> Components:
     """
     patterns = cfg.components or component_prefixes(model, cfg.projector_side)
     t = cfg.train
+    # encoder_lr is the rate of each encoder when there are two (components vision, audio).
     named = {"encoder": t.encoder_lr, "projector": t.projector_lr, "llm": t.llm_lr}
+    named.update(vision=t.encoder_lr, audio=t.encoder_lr)
     lrs = {}
     for name in patterns:
         lr = t.component_lrs.get(name, named.get(name))
@@ -232,9 +266,9 @@ def build_components(model: torch.nn.Module, cfg: RunConfig) -> Components:
 def assemble(cfg: RunConfig, log: Callable[[str], None] = logger.info) -> Assembly:
     """Build tokenizer, processors, collator, model (seeded), datasets and components."""
     modality = _modality(cfg)
-    mcfg, tokenizer, processor = _preset(cfg, modality)
+    mcfg, tokenizer, processors = _preset(cfg, modality)
     image_processor, feature_extractor = _processors(
-        mcfg, modality, processor, cfg.model.image_size
+        mcfg, modality, processors, cfg.model.image_size
     )
     collator = Collator(
         tokenizer, image_processor, feature_extractor, max_length=cfg.data.max_length

@@ -3,7 +3,7 @@
 A run config has five sections::
 
     run:        output folder, seed, logging
-    data:       a built-in task (easy-vqa, tones-aqa) or LLaVA-style JSON/JSONL files
+    data:       a built-in task (easy-vqa, tones-aqa, tones-shapes) or LLaVA-style JSON/JSONL files
     model:      an MLLMConfig (hub ids or local folders, or configs) or a tiny preset
     train:      steps, batch, per-component learning rates, schedule, precision, eval, saves
     commit:     the method's settings (:class:`~commit_mllm.strategies.CoMMITConfig`)
@@ -28,6 +28,7 @@ import yaml
 from .aliases import resolve_aliases
 from .models.mllm import MLLMConfig
 from .strategies import CoMMITConfig
+from .tasks import TASKS
 
 __all__ = [
     "ConfigError",
@@ -140,7 +141,8 @@ class TrainSection:
         batch_size: Samples per micro-batch (per process).
         grad_accum: Micro-batches per optimizer step.
         lr: Default base learning rate of every component.
-        encoder_lr: Base LR of the encoder component (None = ``lr``).
+        encoder_lr: Base LR of the encoder component, or of each encoder (components
+            ``vision`` and ``audio``) when there are two (None = ``lr``).
         projector_lr: Base LR of the projector component (``projector_side: own``).
         llm_lr: Base LR of the LLM component (None = ``lr``).
         component_lrs: Base LR by component name (any components; overrides the above).
@@ -257,9 +259,9 @@ class RunConfig:
                 "are flattened shards; autograd cannot single one component out): use false"
             )
         if d.task is None and d.train_file is None:
-            raise ConfigError("data: set data.task (easy-vqa, tones-aqa) or data.train_file")
-        if d.task is not None and d.task not in ("easy-vqa", "tones-aqa"):
-            raise ConfigError(f"data.task = {d.task!r} is invalid: use easy-vqa, tones-aqa or null")
+            raise ConfigError(f"data: set data.task ({', '.join(TASKS)}) or data.train_file")
+        if d.task is not None and d.task not in TASKS:
+            raise ConfigError(f"data.task = {d.task!r} is invalid: use {', '.join(TASKS)} or null")
         if self.model.preset == "none" and (
             self.model.mllm.vision is None and self.model.mllm.audio is None
         ):

@@ -260,11 +260,11 @@ def prepare_tiny_parts(
     Returns:
         The folder with ``tokenizer/``, ``llm/``, ``encoder/`` and ``manifest.json``.
     """
-    from commit_mllm.tasks import TASKS
+    from commit_mllm.tasks import PRETRAIN_TASKS
 
     settings = settings or PretrainSettings(task=task, seed=seed, steps_scale=steps_scale)
-    if settings.task not in TASKS:
-        raise ValueError(f"unknown task {settings.task!r}; available: {', '.join(TASKS)}")
+    if settings.task not in PRETRAIN_TASKS:
+        raise ValueError(f"unknown task {settings.task!r}; available: {', '.join(PRETRAIN_TASKS)}")
     say = log or (lambda _msg: None)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(settings)

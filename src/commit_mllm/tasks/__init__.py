@@ -1,15 +1,21 @@
-"""Built-in tasks: ``easy-vqa`` (vision) and ``tones-aqa`` (audio), behind one registry."""
+"""Built-in tasks behind one registry.
+
+``easy-vqa`` (vision), ``tones-aqa`` (audio) and ``tones-shapes`` (an image and a sound per
+question: vision + audio + LLM, three components).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from commit_mllm.tasks import easy_vqa, tones_aqa
+from commit_mllm.tasks import easy_vqa, tones_aqa, tones_shapes
 
-TASKS = ("easy-vqa", "tones-aqa")
+TASKS = ("easy-vqa", "tones-aqa", "tones-shapes")
 """Names accepted by :func:`load_task`."""
-MODALITY = {"easy-vqa": "image", "tones-aqa": "audio"}
+PRETRAIN_TASKS = ("easy-vqa", "tones-aqa")
+"""Tasks with tiny pretrained parts (one per encoder); ``tones-shapes`` combines both."""
+MODALITY = {"easy-vqa": "image", "tones-aqa": "audio", "tones-shapes": "image+audio"}
 """The input modality of each task."""
 
 
@@ -35,15 +41,19 @@ def load_task(
         seed: Subsampling seed (easy-vqa) or generator seed (tones-aqa).
         max_samples: Cap on the number of samples; ``None`` = whole split.
         question_types: Keep only these question types; ``None`` = the full mix.
-        **kwargs: Task-specific options (tones-aqa: ``size``).
+        **kwargs: Task-specific options (tones-aqa, tones-shapes: ``size``).
 
     Returns:
-        A sequence of samples (easy-vqa: a list; tones-aqa: a ``torch`` Dataset whose clips
-        are synthesized on access). Both support ``len`` and indexing.
+        A sequence of samples (easy-vqa: a list; tones-aqa and tones-shapes: a ``torch``
+        Dataset whose samples are synthesized on access). All support ``len`` and indexing.
     """
     _check(name)
     if name == "easy-vqa":
         return easy_vqa.load_easy_vqa(split, seed, max_samples, question_types, **kwargs)
+    if name == "tones-shapes":
+        return tones_shapes.load_tones_shapes(
+            split, seed, max_samples, question_types=question_types, **kwargs
+        )
     return tones_aqa.load_tones_aqa(
         split, seed, max_samples, question_types=question_types, **kwargs
     )
@@ -55,17 +65,19 @@ def task_texts(name: str) -> Iterator[str]:
     Use them to train the tiny tokenizer and to pretrain a tiny language model.
 
     Args:
-        name: Task name, or ``"all"`` for every task.
+        name: Task name, or ``"all"`` for the :data:`PRETRAIN_TASKS` (the texts the tiny
+            tokenizer is trained on, so cached pretrained parts stay valid).
 
     Yields:
         Question and answer strings.
     """
     if name == "all":
-        for task in TASKS:
+        for task in PRETRAIN_TASKS:
             yield from task_texts(task)
         return
     _check(name)
-    yield from (easy_vqa.texts() if name == "easy-vqa" else tones_aqa.texts())
+    module = {"easy-vqa": easy_vqa, "tones-aqa": tones_aqa, "tones-shapes": tones_shapes}
+    yield from module[name].texts()
 
 
 def task_answers(name: str) -> list[str]:
@@ -80,6 +92,8 @@ def task_answers(name: str) -> list[str]:
     _check(name)
     if name == "easy-vqa":
         return sorted(easy_vqa.answers())
+    if name == "tones-shapes":
+        return sorted({"yes", "no", *tones_shapes.COLOURS, *tones_shapes.SHAPES})
     return sorted({a for answers in tones_aqa.ANSWERS.values() for a in answers})
 
 
@@ -93,11 +107,13 @@ def task_question_types(name: str) -> tuple[str, ...]:
         The task's question types in a fixed order.
     """
     _check(name)
-    return easy_vqa.QUESTION_TYPES if name == "easy-vqa" else tones_aqa.QUESTION_TYPES
+    module = {"easy-vqa": easy_vqa, "tones-aqa": tones_aqa, "tones-shapes": tones_shapes}
+    return tuple(module[name].QUESTION_TYPES)
 
 
 __all__ = [
     "MODALITY",
+    "PRETRAIN_TASKS",
     "TASKS",
     "load_task",
     "task_answers",
