@@ -31,7 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["full_state", "gathered", "layer_classes", "load_optimizer_state", "wrap"]
+__all__ = [
+    "clean_name",
+    "full_state",
+    "gathered",
+    "layer_classes",
+    "load_optimizer_state",
+    "wrap",
+]
 
 _PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
@@ -43,7 +50,7 @@ def layer_classes(model: nn.Module) -> set[type[nn.Module]]:
         model: The unwrapped model (any parts that are Hugging Face ``PreTrainedModel``).
 
     Returns:
-        The classes (empty when no part declares any: one root unit).
+        The classes (empty when no part declares any: the model is then a single unit).
     """
     names: set[str] = set()
     for m in model.modules():
@@ -126,7 +133,8 @@ def full_state(
     Args:
         fsdp: The FSDP root from :func:`wrap`.
         optimizer: Its optimizer.
-        model: The wrapped model (its trainable parameters are what a checkpoint holds).
+        model: The model inside the FSDP root (its trainable parameters are what a
+            checkpoint holds).
 
     Returns:
         ``(weights, optimizer_state)``: clean name -> CPU tensor of full shape, and
