@@ -20,7 +20,7 @@ test use different streams. Audio is synthesized on access (a 2,000-clip split w
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,16 +164,7 @@ class TonesAQA(Dataset):
         size: int | None = None,
         question_types: list[str] | tuple[str, ...] | str | None = None,
     ) -> None:
-        if split not in _SPLIT_INDEX:
-            raise ValueError(f"tones-aqa split must be 'train' or 'test', got {split!r}")
-        if isinstance(question_types, str):
-            question_types = [question_types]
-        types = tuple(question_types) if question_types is not None else QUESTION_TYPES
-        unknown = set(types) - set(QUESTION_TYPES)
-        if unknown:
-            raise ValueError(
-                f"unknown tones-aqa question types {sorted(unknown)}; use {QUESTION_TYPES}"
-            )
+        types = check_split_and_types("tones-aqa", split, question_types, QUESTION_TYPES)
         self.split, self.seed, self.types = split, seed, types
         self.size = SPLIT_SIZES[split] if size is None else size
 
@@ -226,10 +217,40 @@ def load_tones_aqa(
     Returns:
         A :class:`TonesAQA` dataset.
     """
-    n = SPLIT_SIZES.get(split, 0) if size is None else size
-    if max_samples is not None:
-        n = min(n, max_samples)
-    return TonesAQA(split, seed, n, question_types)
+    return TonesAQA(split, seed, capped_size(SPLIT_SIZES, split, size, max_samples), question_types)
+
+
+def check_split_and_types(
+    task: str,
+    split: str,
+    question_types: Sequence[str] | str | None,
+    all_types: tuple[str, ...],
+) -> tuple[str, ...]:
+    """Validate a synthetic task's split and question types (shared with tones-shapes).
+
+    Returns:
+        The question types to cycle through (``all_types`` for ``None``).
+
+    Raises:
+        ValueError: Unknown split or question type, naming the task and what is allowed.
+    """
+    if split not in _SPLIT_INDEX:
+        raise ValueError(f"{task} split must be 'train' or 'test', got {split!r}")
+    if isinstance(question_types, str):
+        question_types = [question_types]
+    types = tuple(question_types) if question_types is not None else all_types
+    unknown = set(types) - set(all_types)
+    if unknown:
+        raise ValueError(f"unknown {task} question types {sorted(unknown)}; use {all_types}")
+    return types
+
+
+def capped_size(
+    sizes: dict[str, int], split: str, size: int | None, max_samples: int | None
+) -> int:
+    """A split's size (``size`` or the default of ``sizes``), capped at ``max_samples``."""
+    n = sizes.get(split, 0) if size is None else size
+    return n if max_samples is None else min(n, max_samples)
 
 
 def texts() -> Iterator[str]:

@@ -37,7 +37,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from commit_mllm.tasks.tones_aqa import SAMPLING_RATE, _chirp, _place, _tone
+from commit_mllm.tasks.tones_aqa import (
+    _SPLIT_INDEX,
+    SAMPLING_RATE,
+    _chirp,
+    _place,
+    _tone,
+    capped_size,
+    check_split_and_types,
+)
 
 __all__ = [
     "COLOURS",
@@ -66,7 +74,6 @@ COLOURS = {
 SHAPES = ("circle", "rectangle", "triangle")
 CORNERS = {"triangle": 3, "rectangle": 4}
 SPLIT_SIZES = {"train": 3000, "test": 300}
-_SPLIT_INDEX = {"train": 0, "test": 1}
 IMAGE_SIZE = 64
 _DIRECTION = {True: "up", False: "down"}
 _SELECT_Q = "if the pitch goes up say the color of the shape, else say the shape"
@@ -176,14 +183,7 @@ class TonesShapes(Dataset):
         size: int | None = None,
         question_types: Sequence[str] | str | None = None,
     ) -> None:
-        if split not in _SPLIT_INDEX:
-            raise ValueError(f"tones-shapes split must be 'train' or 'test', got {split!r}")
-        if isinstance(question_types, str):
-            question_types = [question_types]
-        types = tuple(question_types) if question_types is not None else QUESTION_TYPES
-        unknown = set(types) - set(QUESTION_TYPES)
-        if unknown:
-            raise ValueError(f"unknown tones-shapes types {sorted(unknown)}; use {QUESTION_TYPES}")
+        types = check_split_and_types("tones-shapes", split, question_types, QUESTION_TYPES)
         self.split, self.seed, self.types = split, seed, types
         self.size = SPLIT_SIZES[split] if size is None else size
 
@@ -232,9 +232,7 @@ def load_tones_shapes(
     question_types: Sequence[str] | str | None = None,
 ) -> TonesShapes:
     """Load a tones-shapes split (``max_samples`` takes a balanced prefix)."""
-    n = SPLIT_SIZES.get(split, 0) if size is None else size
-    if max_samples is not None:
-        n = min(n, max_samples)
+    n = capped_size(SPLIT_SIZES, split, size, max_samples)
     return TonesShapes(split, seed, n, question_types)
 
 
