@@ -14,11 +14,21 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 ARGS = ["run.progress=false", "run.tensorboard=false", "train.save_every=2"]
 
 
-def _run(cmd, **kw):
+def _run(cmd, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, **kw)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def _one(out_dir, *extra, batch_size=4, check=True):
+    """One process (the reference for the two-process runs)."""
+    cmd = [sys.executable, "-m", "commit_mllm.cli", "train", "--config", TINY]
+    return _run(
+        [*cmd, f"run.output_dir={out_dir}", f"train.batch_size={batch_size}", *ARGS, *extra],
+        check,
+    )
 
 
 def _torchrun(out_dir, *extra):
@@ -52,19 +62,7 @@ def runs(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available here")
     root = tmp_path_factory.mktemp("dist")
     _torchrun(root / "two")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "commit_mllm.cli",
-            "train",
-            "--config",
-            TINY,
-            f"run.output_dir={root / 'one'}",
-            "train.batch_size=4",
-            *ARGS,
-        ]
-    )
+    _one(root / "one")
     return root
 
 
@@ -103,11 +101,6 @@ def test_resume_works_with_two_processes(runs, tmp_path):
 
 # ---- FSDP (use_orig_params, full shard) on two CPU ranks ------------------------------------
 FSDP_ARGS = ["train.fsdp=true", "train.eval_every=2"]
-
-
-def _one(out_dir, *extra):
-    cmd = [sys.executable, "-m", "commit_mllm.cli", "train", "--config", TINY]
-    return _run([*cmd, f"run.output_dir={out_dir}", "train.batch_size=4", *ARGS, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +169,7 @@ def test_fsdp_checkpoint_resumed_without_fsdp_says_how_it_was_written(fsdp_runs,
         fsdp_runs / "two" / "checkpoints" / "step-00000004",
         part / "checkpoints" / "step-00000004",
     )
-    cmd = [sys.executable, "-m", "commit_mllm.cli", "train", "--config", TINY]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [*cmd, f"run.output_dir={part}", *ARGS, "--resume"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    out = _one(part, "--resume", check=False)
     assert out.returncode != 0
     assert "step-00000004: the optimizer state was written with FSDP but this run is " in (
         out.stderr

@@ -21,7 +21,7 @@ from .config import RunConfig
 from .data import Collator, load_llava, train_tiny_tokenizer
 from .models import MultimodalLM, component_prefixes
 from .models.mllm import AudioEncoderConfig, LLMConfig, MLLMConfig, VisionEncoderConfig
-from .tasks import MODALITY, load_task, task_question_types, task_texts
+from .tasks import MODALITY, PRETRAIN_TASKS, load_task, task_question_types, task_texts
 
 __all__ = ["Assembly", "assemble", "build_components", "tiny_random_mllm"]
 
@@ -138,7 +138,7 @@ def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, dict[str, s
     if cfg.model.preset == "tiny-random":
         base = tiny_random_mllm(modality, cfg.model.image_size)
         texts = list(task_texts("all"))
-        if cfg.data.task is not None and cfg.data.task not in ("easy-vqa", "tones-aqa"):
+        if cfg.data.task is not None and cfg.data.task not in PRETRAIN_TASKS:
             texts += list(task_texts(cfg.data.task))
         tokenizer, processors = train_tiny_tokenizer(texts), {}
     elif cfg.model.preset == "tiny-pretrained":

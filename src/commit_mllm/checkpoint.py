@@ -22,8 +22,7 @@ import torch
 __all__ = [
     "fault_point",
     "latest_checkpoint",
-    "load_checkpoint",
-    "load_optimizer",
+    "load_resume_state",
     "load_trainable",
     "rng_state",
     "save_checkpoint",
@@ -194,36 +193,29 @@ def load_trainable(model: torch.nn.Module, folder: str | Path) -> None:
             param.copy_(weights[name])
 
 
-def load_optimizer(path: str | Path, fsdp: bool) -> dict[str, Any]:
-    """A checkpoint's optimizer state, checked against how the run is sharded.
+def load_resume_state(path: str | Path, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's saved state and optimizer state, checked against how the run is sharded.
+
+    The trainable weights are loaded separately (:func:`load_trainable`), before any wrapper.
 
     Args:
         path: The checkpoint folder.
         fsdp: Whether the resuming run uses FSDP (its optimizer state is per rank).
 
+    Returns:
+        ``(state, optimizer_state)``: what ``save_checkpoint`` got as ``state`` (plus ``step``
+        and ``optimizer_format``), and the optimizer state as written.
+
     Raises:
         ValueError: The checkpoint was written with the other setting (says which).
     """
     path = Path(path)
-    fmt = torch.load(path / "state.pt", weights_only=False).get("optimizer_format", "torch")
+    state = torch.load(path / "state.pt", weights_only=False)
+    fmt = state.get("optimizer_format", "torch")
     if (fmt == "fsdp") != fsdp:
         written, now = ("with", "without") if fmt == "fsdp" else ("without", "with")
         raise ValueError(
             f"{path}: the optimizer state was written {written} FSDP but this run is {now} it "
             "(FSDP = train.fsdp with more than one process): resume the way it was written"
         )
-    return torch.load(path / "optimizer.pt", weights_only=False)
-
-
-def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Load weights and optimizer state in place; return the saved state dict.
-
-    Raises:
-        ValueError: The checkpoint does not match the model (see :func:`load_trainable`).
-    """
-    path = Path(path)
-    load_trainable(model, path)
-    optimizer.load_state_dict(load_optimizer(path, fsdp=False))
-    return torch.load(path / "state.pt", weights_only=False)
+    return state, torch.load(path / "optimizer.pt", weights_only=False)

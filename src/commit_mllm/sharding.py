@@ -141,6 +141,7 @@ def full_state(
         ``{"world_size": W, "shards": [state_dict of rank r, ...]}``.
     """
     import torch.distributed as dist
+    from accelerate.utils import send_to_device
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     main = dist.get_rank() == 0
@@ -153,7 +154,7 @@ def full_state(
                 if p.requires_grad:
                     weights[clean_name(name)] = p.detach().cpu().clone()
     shards = [None] * dist.get_world_size() if main else None
-    dist.gather_object(_to_cpu(optimizer.state_dict()), shards, dst=0)
+    dist.gather_object(send_to_device(optimizer.state_dict(), "cpu"), shards, dst=0)
     if not main:
         return {}, {}
     return weights, {"world_size": len(shards), "shards": shards}
@@ -174,16 +175,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
             f"this run has {world}: resume with {state.get('world_size')} processes"
         )
     optimizer.load_state_dict(state["shards"][dist.get_rank()])
-
-
-def _to_cpu(tree: Any) -> Any:
-    if torch.is_tensor(tree):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
 
 
 @contextlib.contextmanager

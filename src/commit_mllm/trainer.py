@@ -28,7 +28,7 @@ from .balance import supervised_mask
 from .checkpoint import (
     fault_point,
     latest_checkpoint,
-    load_optimizer,
+    load_resume_state,
     load_trainable,
     rng_state,
     save_checkpoint,
@@ -461,8 +461,7 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
         return opt_cls(parts.components.param_groups()), None, fsdp
     if t.fsdp:
         say("fsdp: one process, nothing to shard; training unwrapped")
-    optimizer = opt_cls(parts.components.param_groups())
-    model, optimizer = acc.prepare(parts.model, optimizer)
+    model, optimizer = acc.prepare(parts.model, opt_cls(parts.components.param_groups()))
     parts.model = acc.unwrap_model(model)
     return optimizer, (model if acc.num_processes > 1 else None), None
 
@@ -480,12 +479,11 @@ def _restore(ckpt: Path | None, fsdp: Any, optimizer: Any, commit: CoMMIT, say) 
     """Optimizer, CoMMIT and RNG state of ``ckpt`` (its weights are already loaded)."""
     if ckpt is None:
         return 0
-    optim = load_optimizer(ckpt, fsdp=fsdp is not None)
+    state, optim = load_resume_state(ckpt, fsdp=fsdp is not None)
     if fsdp is not None:
         sharding.load_optimizer_state(optimizer, optim)
     else:
         optimizer.load_state_dict(optim)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
     commit.load_state_dict(state["commit"])
     set_rng_state(state["rng"])
     say(f"resume: from {ckpt} (step {state['step']})")

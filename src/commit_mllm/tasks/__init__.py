@@ -17,6 +17,7 @@ PRETRAIN_TASKS = ("easy-vqa", "tones-aqa")
 """Tasks with tiny pretrained parts (one per encoder); ``tones-shapes`` combines both."""
 MODALITY = {"easy-vqa": "image", "tones-aqa": "audio", "tones-shapes": "image+audio"}
 """The input modality of each task."""
+_MODULES = {"easy-vqa": easy_vqa, "tones-aqa": tones_aqa, "tones-shapes": tones_shapes}
 
 
 def _check(name: str) -> None:
@@ -76,8 +77,7 @@ def task_texts(name: str) -> Iterator[str]:
             yield from task_texts(task)
         return
     _check(name)
-    module = {"easy-vqa": easy_vqa, "tones-aqa": tones_aqa, "tones-shapes": tones_shapes}
-    yield from module[name].texts()
+    yield from _MODULES[name].texts()
 
 
 def task_answers(name: str) -> list[str]:
@@ -107,8 +107,7 @@ def task_question_types(name: str) -> tuple[str, ...]:
         The task's question types in a fixed order.
     """
     _check(name)
-    module = {"easy-vqa": easy_vqa, "tones-aqa": tones_aqa, "tones-shapes": tones_shapes}
-    return tuple(module[name].QUESTION_TYPES)
+    return tuple(_MODULES[name].QUESTION_TYPES)
 
 
 __all__ = [
