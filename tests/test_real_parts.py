@@ -483,3 +483,25 @@ def test_prepare_real_parts_end_to_end(tmp_path):
     llm = json.loads((part_folder("smollm2", tmp_path) / "report.json").read_text())
     assert llm["params"] == 134_515_008 and llm["vocab_size"] == 49_152
     assert "Paris" in llm["check"]["greedy_sanity"]["answer"]
+
+
+def test_converters_are_not_imported_with_the_package():
+    import subprocess
+
+    code = (
+        "import sys, commit_mllm, commit_mllm.parts, commit_mllm.assembly, commit_mllm.cli\n"
+        "heavy = ('onnx', 'onnxruntime', 'gguf', 'ctranslate2', 'commit_mllm.parts.dinov2')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_salmonn_like_benchmark_config_uses_the_gemma_preset():
+    from commit_mllm.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "benchmarks" / "real_parts" / "salmonn_like.yaml")
+    assert cfg.model.preset == "whisper-gemma3"
+    assert cfg.model.mllm.audio_projector.type == "qformer"
+    assert cfg.model.mllm.audio.lora.target_modules == ["q_proj", "v_proj"]

@@ -117,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--cache-dir", help="cache folder (default $COMMIT_MLLM_CACHE or ~/.cache)")
     pr.add_argument("--force", action="store_true", help="rebuild even when prepared")
     pr.add_argument(
-        "--task", action="append", help="tiny: easy-vqa and/or tones-aqa (default both)"
+        "--task",
+        action="append",
+        choices=["easy-vqa", "tones-aqa"],
+        help="tiny: easy-vqa and/or tones-aqa (default both)",
     )
 
     v = sub.add_parser("validate-config", help="check YAML configs offline")
@@ -242,7 +245,9 @@ def _prepare(args: argparse.Namespace) -> int:
         for name in dict.fromkeys(names):
             if name == "tiny":
                 for task in args.task or ["easy-vqa", "tones-aqa"]:
-                    prepare_tiny_parts(task, args.cache_dir, force=args.force, log=stderr_say)
+                    print(
+                        prepare_tiny_parts(task, args.cache_dir, force=args.force, log=stderr_say)
+                    )
             else:
                 print(prepare_part(name, args.cache_dir, force=args.force, say=stderr_say))
     except (ModuleNotFoundError, WheelError) as e:

@@ -68,7 +68,7 @@ class RunSection:
         tensorboard: Write TensorBoard event files.
         wandb: Log to Weights & Biases too (when installed).
         progress: Show a progress bar.
-        cache_dir: Cache of pretrained tiny parts (default: $COMMIT_MLLM_CACHE or
+        cache_dir: Cache of prepared parts, tiny and real (default: $COMMIT_MLLM_CACHE or
             ~/.cache/commit-mllm).
     """
 

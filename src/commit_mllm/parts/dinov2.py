@@ -241,7 +241,7 @@ def save_processor(out: Path, size: int) -> None:
     """Writes the image processor: resize to ``size`` x ``size``, ImageNet mean/std."""
     import transformers
 
-    # The PIL class: the default one wants torchvision (often absent, see OFFLINE facts).
+    # The PIL class: the default one wants torchvision, which often cannot be installed.
     if hasattr(transformers, "BitImageProcessorPil"):
         cls = transformers.BitImageProcessorPil
     else:
