@@ -22,24 +22,23 @@ def _step(model, comps, meter, batch, lr=0.05):
 
 
 def brute_force(old, new, batch, names):
-    """D_c and dL_c by hand: eval mode, theta_{t+1} with component c copied back from theta_t."""
-    old_state = dict(old.named_parameters())
+    """D_c and dL_c by hand: eval mode, theta_t with only component c moved to theta_{t+1}."""
+    new_state = dict(new.named_parameters())
     out = {}
     with torch.no_grad():
-        new.eval()
-        ref = new(batch).double()
+        old.eval()
+        ref = old(batch).double()
         ce_ref = float(F.cross_entropy(ref, targets(batch)))
         lp = torch.log_softmax(ref, -1)
         for name in names:
-            moved = copy.deepcopy(new)
+            moved = copy.deepcopy(old)
             for pname, p in moved.named_parameters():
                 if any(pname.startswith(pref + ".") for pref in TWO[name]):
-                    p.copy_(old_state[pname])
+                    p.copy_(new_state[pname])
             q = moved(batch).double()
             lq = torch.log_softmax(q, -1)
             D = float((lp.exp() * (lp - lq)).sum(-1).mean())
-            out[name] = (D, ce_ref - float(F.cross_entropy(q, targets(batch))))
-        new.train()
+            out[name] = (D, float(F.cross_entropy(q, targets(batch))) - ce_ref)
     return ce_ref, out
 
 
@@ -248,3 +247,47 @@ def test_coordinator_measures_on_the_next_batch_now_or_at_the_next_forward():
     log = now[-1].as_log()
     assert {"dL/encoder", "dL/llm", "efficiency/encoder", "efficiency_z/encoder"} <= set(log)
     assert log["kappa"] == pytest.approx(now[-1].progress.D["llm"] / now[-1].progress.D["encoder"])
+
+
+def test_efficiency_controller_without_anchor_steers_each_component_to_efficiency_one():
+    ctl = EfficiencyController(["encoder", "llm"], None, gamma=0.05, cut_gain=0.05, horizon=20)
+    for _ in range(100):  # encoder e = 3 (too slow), llm e = 0.2 (too fast)
+        ctl.observe(_pm({"encoder": -3e-4, "llm": -2e-4}, EQUAL_STEP), 1)
+    assert set(ctl.last_z) == {"encoder", "llm"}
+    assert ctl.factors["encoder"] > 2.0 and ctl.factors["llm"] < 0.5
+
+
+def test_trainer_progress_strategy_resumes_bit_identically(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from commit_mllm.config import load_config
+    from commit_mllm.tracking import read_jsonl
+    from commit_mllm.trainer import train
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    ovr = [
+        "run.progress=false",
+        "run.tensorboard=false",
+        "commit.strategy=progress",
+        "commit.progress_horizon=3",
+        "train.steps=8",
+        "train.save_every=4",
+        "model.mllm.vision_projector.dropout=0.1",
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(load_config(tiny, [f"run.output_dir={full}", *ovr]), log=lambda _: None)
+    recs = read_jsonl(full / "metrics.jsonl")
+    assert any(r.get("dL/encoder") for r in recs) and recs[-1]["step"] == 7
+    (part / "checkpoints").mkdir(parents=True)
+    ckpt = "step-00000004"
+    shutil.copytree(full / "checkpoints" / ckpt, part / "checkpoints" / ckpt)
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    train(load_config(tiny, [f"run.output_dir={part}", *ovr]), resume=True, log=lambda _: None)
+    assert read_jsonl(part / "metrics.jsonl") == recs
+    a = load_file(str(full / "checkpoints" / "step-00000008" / "trainable.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step-00000008" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -167,8 +167,9 @@ class CoMMIT:
         if cfg.strategy == "progress":
             controller = EfficiencyController(
                 names,
-                cfg.progress_anchor or cfg.llm_component,
+                _anchor(cfg),
                 gamma=cfg.progress_gain,
+                cut_gain=cfg.progress_cut_gain,
                 horizon=cfg.progress_horizon,
                 confidence=cfg.progress_confidence,
                 max_factor=cfg.progress_max_factor,
@@ -335,3 +336,10 @@ class CoMMIT:
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
         self._last_estimate = int(state.get("last_estimate", -1))
+
+
+def _anchor(cfg: CoMMITConfig) -> str | None:
+    """The efficiency controller's anchor component (None: no anchor)."""
+    if cfg.progress_anchor == "none":
+        return None
+    return cfg.progress_anchor or cfg.llm_component

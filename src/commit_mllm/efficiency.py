@@ -14,16 +14,25 @@ Rule, per estimate (K = steps since the previous estimate):
     x_c = EMA_h(-dL_c),  y_c = EMA_h(D_c)          smoothed over ``horizon`` h steps
     e_c = x_c / y_c,     se_c^2 = delta-method variance of the ratio of means
     z_c = (e_c - e_a) / sqrt(se_c^2 + se_a^2)       a = the anchor component (the LLM)
-    log f_c += gamma K g(z_c),  g(z) = sign(z) clip((|z| - z0) / 2, 0, 1)
+    log f_c += gamma_+ K g(z_c) if z_c > 0 else gamma_- K g(z_c)
+    g(z) = sign(z) clip((|z| - z0) / 2, 0, 1)
 
-then each |log f_c| <= log m_c. The anchor keeps f_a = 1: its rate is the one the user set
-(LLM rates are well known from recipes); every other component's rate is found relative to
-it. There is no kappa target and no fixed total budget. The dead zone z0 (``confidence``)
-keeps the factors still while the evidence is within noise.
+then each |log f_c| <= log m_c. Without an anchor (``anchor=None``) every component is
+steered on its own towards e_c = 1, where the quadratic model says its step size is
+right: z_c = (e_c - 1) / se_c (a per-component hypergradient on log eta_c).
+
+Cuts are faster than raises (gamma_- > gamma_+): a component whose steps buy little of
+what they cost can wreck what it knew within tens of steps (a pretrained encoder at a rate
+far too high), while one that is too slow only loses time. The anchor keeps f_a = 1: its
+rate is the one the user set (LLM rates are well known from recipes); every other
+component's rate is found relative to it. There is no kappa target and no fixed total
+budget. The dead zone z0 (``confidence``) keeps the factors still while the evidence is
+within noise.
 
 Symbols -> variables: e_c -> :meth:`EfficiencyController.efficiency`; z_c ->
 ``EfficiencyController.last_z``; gamma -> ``gamma``; h -> ``horizon``; z0 ->
-``confidence``; m_c -> ``max_factor`` / ``factor_caps``.
+``confidence``; m_c -> ``max_factor`` / ``factor_caps``; gamma_+ / gamma_- -> ``gamma`` /
+``cut_gain``.
 """
 
 from __future__ import annotations
@@ -47,8 +56,10 @@ class EfficiencyController:
 
     Args:
         names: Trainable components (each gets a factor).
-        anchor: The component whose factor stays 1 (default ``llm``).
-        gamma: Gain: the most log f_c moves per step of training.
+        anchor: The component whose factor stays 1 (default ``llm``); None steers every
+            component on its own towards e_c = 1.
+        gamma: Gain of raises: the most log f_c grows per step of training.
+        cut_gain: Gain of cuts: the most log f_c falls per step of training.
         horizon: Time constant h of the smoothing, in steps of training.
         confidence: Dead zone z0 of the z-score.
         max_factor: m; every factor stays in [1/m, m].
@@ -59,20 +70,22 @@ class EfficiencyController:
     def __init__(
         self,
         names: Sequence[str],
-        anchor: str = "llm",
+        anchor: str | None = "llm",
         *,
         gamma: float = 0.05,
+        cut_gain: float = 0.3,
         horizon: float = 50.0,
         confidence: float = 1.0,
         max_factor: float = 30.0,
         factor_caps: Mapping[str, float] | None = None,
         min_estimates: int = 5,
     ):
-        if anchor not in names:
+        if anchor is not None and anchor not in names:
             raise ValueError(f"anchor component {anchor!r} is not trainable; components: {names}")
         caps = dict(factor_caps or {})
         self.names, self.anchor = list(names), anchor
-        self.gamma, self.horizon, self.confidence = gamma, horizon, confidence
+        self.gamma, self.cut_gain = gamma, cut_gain
+        self.horizon, self.confidence = horizon, confidence
         self.min_estimates = min_estimates
         self.limits = {c: math.log(min(max_factor, caps.get(c, max_factor))) for c in names}
         self.log_f = {c: 0.0 for c in self.names}
@@ -96,7 +109,7 @@ class EfficiencyController:
 
     def observe(self, m: ProgressMeasurement, steps: int, adjusting: bool = True) -> None:
         """Feed one held-out measurement taken ``steps`` training steps after the last one."""
-        if m.tokens == 0 or self.anchor in m.flags:
+        if m.tokens == 0 or (self.anchor is not None and self.anchor in m.flags):
             return
         alpha = 1.0 - math.exp(-max(1, steps) / self.horizon)
         self.weight = alpha + (1 - alpha) * self.weight
@@ -112,8 +125,9 @@ class EfficiencyController:
             return
         for c, z in self.last_z.items():
             g = math.copysign(min(max((abs(z) - self.confidence) / 2.0, 0.0), 1.0), z)
+            gain = (self.gamma if g > 0 else self.cut_gain) * max(1, steps)
             lim = self.limits[c]
-            self.log_f[c] = min(max(self.log_f[c] + self.gamma * max(1, steps) * g, -lim), lim)
+            self.log_f[c] = min(max(self.log_f[c] + gain * g, -lim), lim)
 
     def _stats(self, c: str) -> tuple[float, float]:
         """(e_c, se_c^2) from the bias-corrected EMA moments (delta method)."""
@@ -127,7 +141,7 @@ class EfficiencyController:
         return e, max(var, 0.0) / (n * y * y)
 
     def _z_scores(self) -> dict[str, float]:
-        ea, va = self._stats(self.anchor)
+        ea, va = self._stats(self.anchor) if self.anchor is not None else (1.0, 0.0)
         out = {}
         for c in self.names:
             if c == self.anchor:

@@ -7,16 +7,16 @@ rows it fitted). This module measures each component's step on rows the step did
 train on: the next batch, before it is trained on.
 
 After the step theta_t -> theta_{t+1}, on held-out rows (the next batch, or its first rows),
-with dropout off (eval mode):
+with dropout off (eval mode), the paper's lookahead (METHOD.md, "Update significance"):
 
-    p        = softmax(logits at theta_{t+1})                     (every component moved)
-    p^(-c)   = softmax(logits at theta_{t+1} - Delta_c)           (c put back at theta_t)
-    D_c      = mean_tokens KL(p || p^(-c))                        (how far c's step moved it)
-    dL_c     = mean_tokens [CE(p) - CE(p^(-c))]                   (what c's step bought;
-                                                                   < 0 = the loss fell)
+    p_t      = softmax(logits at theta_t)                         (before the step)
+    p_t^(c)  = softmax(logits at theta_t + Delta_c)               (only c moved)
+    D_c      = mean_tokens KL(p_t || p_t^(c))                     (how far c's step moved it)
+    dL_c     = mean_tokens [CE(p_t^(c)) - CE(p_t)]                (what c's step bought on its
+                                                                   own; < 0 = the loss fell)
     e_c      = -dL_c / D_c                                        (efficiency, per nat moved)
 
-Cost: one reference forward at theta_{t+1} plus one lookahead per moving component on the
+Cost: one reference forward at theta_t plus one lookahead per moving component on the
 held-out rows; a lookahead whose component owns no parameter of the encoder pathway reuses
 the reference's encoder outputs (the :class:`~commit_mllm.balance.CachedEncoderModel`
 protocol), so it runs the LLM only.
@@ -48,11 +48,11 @@ class ProgressMeasurement:
 
     Attributes:
         step: The optimizer step t whose update was measured.
-        D: Component -> D_c, KL(p || p^(-c)) per supervised token, nats (0 when frozen or
-            not updated).
-        dL: Component -> dL_c, CE(p) - CE(p^(-c)) per supervised token, nats.
+        D: Component -> D_c, KL(p_t || p_t^(c)) per supervised token, nats (0 when frozen
+            or not updated).
+        dL: Component -> dL_c, CE(p_t^(c)) - CE(p_t) per supervised token, nats.
         tokens: Supervised tokens measured (all ranks).
-        ce: CE(p) per supervised token on the held-out rows.
+        ce: CE(p_t) per supervised token on the held-out rows.
         flags: Component -> ``"frozen"`` or ``"zero_update"`` (not measured).
         update_norms: Component -> ||Delta_c||_2.
     """
@@ -135,26 +135,27 @@ def measure_progress(
     ce_ref = float(sums[0]) * scale
     for i, name in enumerate(moving):
         D[name] = max(float(sums[1 + 2 * i]) * scale, 0.0)
-        dL[name] = ce_ref - float(sums[2 + 2 * i]) * scale
+        dL[name] = float(sums[2 + 2 * i]) * scale - ce_ref
     return ProgressMeasurement(step, D, dL, tokens, ce_ref, flags, norms)
 
 
 def _branch_sums(
     meter: BalanceMeter, batch: Mapping[str, Any], targets: torch.Tensor, moving: list[str]
 ) -> torch.Tensor:
-    """[CE(p), KL_c, CE(p^(-c)) for each moving c, tokens] as float64 sums over tokens."""
+    """[CE(p_t), KL_c, CE(p_t^(c)) for each moving c, tokens] as float64 sums over tokens."""
     model, dtype = meter.model, meter.kl_dtype
-    with meter.autocast():
-        if meter.cached:
-            features = model.encode(batch)
-            ref = model.decode(batch, features)
-        else:
-            features = None
-            ref = meter.forward_fn(model, batch)
-    out = [_ce_sum(ref, targets, dtype)]
     try:
+        meter._set_state({c: "old" for c in meter._state})
+        with meter.autocast():
+            if meter.cached:
+                features = model.encode(batch)
+                ref = model.decode(batch, features)
+            else:
+                features = None
+                ref = meter.forward_fn(model, batch)
+        out = [_ce_sum(ref, targets, dtype)]
         for name in moving:
-            meter._set_state({c: ("old" if c == name else "new") for c in meter._state})
+            meter._set_state({c: ("new" if c == name else "old") for c in meter._state})
             with meter.autocast():
                 if name in meter._cacheable and features is not None:
                     logits = model.decode(batch, features)
