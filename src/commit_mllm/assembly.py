@@ -260,9 +260,16 @@ def _apply_freeze(mcfg: MLLMConfig, cfg: RunConfig) -> None:
 def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tuple[str, ...]]:
     d = cfg.data
     if d.task is not None:
-        kw = {"seed": cfg.run.seed, "question_types": d.question_types}
-        train = load_task(d.task, "train", max_samples=d.max_train_samples, **kw)
-        test = load_task(d.task, "test", max_samples=d.max_eval_samples, **kw)
+        kw = {"question_types": d.question_types}
+        train = load_task(d.task, "train", cfg.run.seed, d.max_train_samples, **kw)
+        if d.eval_size is not None:
+            if d.task == "easy-vqa":
+                raise ValueError(
+                    "data.eval_size: easy-vqa's test split is fixed; use data.max_eval_samples"
+                )
+            kw["size"] = d.eval_size
+        seed = cfg.run.seed if d.eval_seed is None else d.eval_seed
+        test = load_task(d.task, "test", seed, d.max_eval_samples, **kw)
         return train, test, tuple(task_question_types(d.task))
     if d.format is not None:
         from .formats import load_format
@@ -314,7 +321,11 @@ def assemble(cfg: RunConfig, log: Callable[[str], None] = logger.info) -> Assemb
         mcfg, modality, processors, cfg.model.image_size
     )
     collator = Collator(
-        tokenizer, image_processor, feature_extractor, max_length=cfg.data.max_length
+        tokenizer,
+        image_processor,
+        feature_extractor,
+        max_length=cfg.data.max_length,
+        blind=cfg.data.blind,
     )
     mcfg.image_token_id = collator.image_token_id
     mcfg.audio_token_id = collator.audio_token_id

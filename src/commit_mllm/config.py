@@ -101,6 +101,14 @@ class DataConfig:
         num_workers: DataLoader worker processes.
         on_bad_sample: ``error`` (stop, naming the row) or ``skip`` (drop the row, count it and
             list it in ``skipped_samples.jsonl`` of the run folder).
+        eval_seed: Seed of the held-out draw of a built-in task (which questions
+            ``max_eval_samples`` picks, and the synthesized clips of tones-aqa); None = the
+            run's seed. Fix it to compare runs of several seeds on the same questions.
+        eval_size: Size of the synthesized test split of tones-aqa / tones-shapes (None =
+            the task's default, 400 / 300).
+        blind: Text-only baseline: images and clips are replaced by zeros in training and
+            evaluation, so the run measures the language prior (the same model trained
+            without the modality).
     """
 
     task: str | None = "easy-vqa"
@@ -116,6 +124,9 @@ class DataConfig:
     max_length: int = 128
     num_workers: int = 0
     on_bad_sample: str = "error"
+    eval_seed: int | None = None
+    eval_size: int | None = None
+    blind: bool = False
 
 
 @dataclass

@@ -93,7 +93,9 @@ def train(
         commit.before_step()
         opt.step()
         # ---- kappa -> kappa_bar -> factors -> the next step's LRs -------------------------
-        report = commit.after_step()
+        # (strategy progress: measured on the next batch, which this step did not train on)
+        heldout = s.peek_batch() if commit.heldout and step + 1 < t.steps else None
+        report = commit.after_step(heldout)
         opt.zero_grad(set_to_none=True)
         # ---- log -------------------------------------------------------------------------
         ce_mean, aux_mean = ce_sum / t.grad_accum, aux_sum / t.grad_accum
@@ -244,9 +246,19 @@ class Session:
     bad_in_a_row: int = 0
     skipped_steps: int = 0
     skipped_samples: int = 0
+    _peeked: dict[str, Any] | None = None
+
+    def peek_batch(self) -> dict[str, Any]:
+        """The micro-batch :meth:`next_batch` returns next (fetched now, kept for it)."""
+        if self._peeked is None:
+            self._peeked = self.next_batch()
+        return self._peeked
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch, on the device; skipped bad samples are recorded."""
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked, None
+            return batch
         batch = next(self.loader)
         skipped = batch.pop("_skipped", None)
         if skipped:
