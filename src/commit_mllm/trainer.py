@@ -1,8 +1,9 @@
 """The training loop: one readable function on accelerate.
 
 Per optimizer step: forward -> loss -> backward (per micro-batch) -> clip -> step -> kappa ->
-LRs -> log, then evaluation and checkpoints when due. Everything else (building the model
-and data, the batch order, the summary) lives in small helpers below it.
+LRs -> log, then evaluation and checkpoints when due, and a stop after a checkpoint when
+SIGTERM / SIGINT asked for one. Everything else (building the model and data, the batch
+order, resuming, the summary) lives in small helpers below it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,18 +29,20 @@ from . import sharding
 from .assembly import Assembly, assemble
 from .balance import supervised_mask
 from .checkpoint import (
+    PREFIX,
     fault_point,
     latest_checkpoint,
-    load_resume_state,
     load_trainable,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from .config import RunConfig, to_dict
 from .coordinator import CoMMIT
+from .errors import NonFiniteError, Preempted
 from .evaluation import evaluate
-from .tracking import RunLogger, read_jsonl
+from .preemption import StopSignal
+from .resume import find_checkpoint, restore
+from .tracking import RUN_DIRS, RUN_FILES, RunLogger, read_jsonl
 
 __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
 
@@ -55,18 +60,25 @@ def train(
 
     Args:
         cfg: The run config.
-        resume: Continue from the newest complete checkpoint in ``cfg.run.output_dir``.
+        resume: Continue from the newest verified checkpoint in ``cfg.run.output_dir``
+            (without it, an earlier run's files in that folder are replaced).
         log: Where startup lines go (the main process only).
         session: A session from :func:`setup` to train (to inspect its model afterwards).
 
     Returns:
         The run summary (final loss, accuracy per question type, kappa statistics, time).
+
+    Raises:
+        Preempted: SIGTERM or SIGINT stopped the run; a checkpoint of its last step is
+            written (handlers are installed only while the steps run, from the main thread).
+        NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row.
+        ValueError: A config that cannot resume the checkpoint, bad data (one line each).
     """
     s = session or setup(cfg, resume, log)
     acc, commit, opt, t = s.accelerator, s.commit, s.optimizer, cfg.train
     bar = s.progress_bar()
     start = time.perf_counter()
-    for step in range(s.start_step, t.steps):
+    for step in s.steps():  # SIGTERM / SIGINT: stop after a step, with its checkpoint
         # ---- forward -> loss -> backward, per micro-batch --------------------------------
         ce_sum = aux_sum = 0.0
         for micro in range(t.grad_accum):
@@ -87,6 +99,7 @@ def train(
         if not _finite(ce_sum + aux_sum, total_norm):
             s.skip_step(step)
             bar.update(1)
+            s.end_of_step(step + 1)
             continue
         s.bad_in_a_row = 0
         # ---- step ------------------------------------------------------------------------
@@ -110,7 +123,7 @@ def train(
         # ---- evaluate and save when due ---------------------------------------------------
         s.end_of_step(step + 1)
     bar.close()
-    final_eval = s.evaluate(t.steps)
+    final_eval = s.final_evaluation()
     s.save(t.steps)
     return s.finish(final_eval, time.perf_counter() - start)
 
@@ -187,9 +200,10 @@ class _MicroBatches(torch.utils.data.Dataset):
     batch key ``_skipped`` (``on_bad_sample: skip``).
     """
 
-    def __init__(self, data, collator, order: BatchOrder, start: int, total: int, on_bad: str):
+    def __init__(self, data, collator, order, start: int, total: int, on_bad: str, accum: int = 1):
         self.data, self.collator, self.order = data, collator, order
         self.start, self.total, self.on_bad = start, total, on_bad
+        self.accum = accum  # micro-batches per optimizer step (a skipped row records its step)
 
     def __len__(self) -> int:
         return self.total - self.start
@@ -211,7 +225,15 @@ class _MicroBatches(torch.utils.data.Dataset):
                 sid = _sample_id(self.data, i)
                 if self.on_bad == "error":
                     raise ValueError(f"train sample {i} (id {sid}): {e}") from None
-                skipped.append({"micro_batch": micro, "index": i, "id": sid, "reason": str(e)})
+                skipped.append(
+                    {
+                        "step": micro // self.accum,
+                        "micro_batch": micro,
+                        "index": i,
+                        "id": sid,
+                        "reason": str(e),
+                    }
+                )
         if not good:
             raise ValueError(f"micro-batch {micro}: every sample is bad ({skipped[0]['reason']})")
         return {**self.collator(good), "_skipped": skipped}
@@ -244,6 +266,30 @@ class Session:
     bad_in_a_row: int = 0
     skipped_steps: int = 0
     skipped_samples: int = 0
+    saved_step: int | None = None  # the step of the published checkpoint this state equals
+
+    def steps(self) -> Iterator[int]:
+        """Step indices from ``start_step`` on, stopping early on SIGTERM / SIGINT.
+
+        While it runs, the first SIGTERM or SIGINT is recorded (:class:`StopSignal`); after
+        each step (and its evaluation and checkpoint when due) every process agrees whether
+        to stop, and if so the step's checkpoint is written and :class:`Preempted` raised.
+        A signal during the last step lets the run finish.
+        """
+        t, main = self.cfg.train, self.accelerator.is_main_process
+        reduce = _all_reduce if self.accelerator.num_processes > 1 else None
+        try:
+            with StopSignal(None if main else (lambda _: None)) as stop:
+                for step in range(self.start_step, t.steps):
+                    yield step
+                    done = step + 1
+                    signum = stop.agreed(reduce, self.accelerator.device)
+                    if signum is not None and done < t.steps:
+                        ckpt = self.save(done)
+                        raise Preempted(signum, done, t.steps, ckpt, self.run_dir)
+        except BaseException:
+            self.logger.close()  # flush what TensorBoard holds; the checkpoint is published
+            raise
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch, on the device; skipped bad samples are recorded."""
@@ -251,9 +297,7 @@ class Session:
         skipped = batch.pop("_skipped", None)
         if skipped:
             self.skipped_samples += len(skipped)
-            if self.accelerator.is_main_process:
-                with open(self.run_dir / "skipped_samples.jsonl", "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in skipped)
+            self.logger.log_skipped(skipped)
         dev = self.accelerator.device
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -273,7 +317,7 @@ class Session:
         """Drop a step whose loss or gradient is not finite; abort after too many in a row.
 
         Raises:
-            RuntimeError: ``train.max_bad_steps`` non-finite steps in a row. The last good
+            NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row. The last good
                 checkpoint is left as it is.
         """
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,16 +328,29 @@ class Session:
         limit = self.cfg.train.max_bad_steps
         if self.bad_in_a_row >= limit:
             last = latest_checkpoint(self.run_dir)
-            raise RuntimeError(
+            then = (
+                f"resume from {last.name} with --resume"
+                if last is not None
+                else "start again (no checkpoint was written)"
+            )
+            raise NonFiniteError(
                 f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
-                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}"
+                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}. "
+                f"Lower the learning rates (train.lr, train.*_lr) or check the data, then {then}",
+                step,
+                last,
             )
 
     def end_of_step(self, done: int) -> None:
-        """Evaluate and save when due, after ``done`` optimizer steps."""
+        """Evaluate, then save, when due after ``done`` optimizer steps.
+
+        The evaluation of step S is written before checkpoint S is published, so a
+        checkpoint stands for every record up to its step (see :mod:`.tracking`).
+        """
         t = self.cfg.train
         if t.eval_every and done % t.eval_every == 0 and done < t.steps:
             self.evaluate(done)
+            fault_point(f"eval:{done}")
         if t.save_every and done % t.save_every == 0 and done < t.steps:
             self.save(done)
 
@@ -329,20 +386,52 @@ class Session:
                     self.accelerator.autocast,
                 )
         if self.accelerator.is_main_process:
-            self.logger.log_eval({"step": step, **result})
-            path = self.run_dir / "predictions" / f"step-{step:08d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(p) + "\n" for p in preds))
+            self.logger.log_eval({"step": step, **result}, preds)
         self.accelerator.wait_for_everyone()
         return result
 
-    def save(self, step: int) -> None:
-        """Write checkpoint ``step`` (main process; under FSDP every rank gathers first)."""
+    def final_evaluation(self) -> dict | None:
+        """The evaluation after the last step: run it, or read it back for a finished run.
+
+        A finished run that is resumed (``start_step == train.steps``) wrote its final
+        evaluation before its last checkpoint; it is read from eval.jsonl, not repeated.
+        """
+        steps = self.cfg.train.steps
+        if self.start_step == steps and self.parts.eval_set is not None:
+            done = [r for r in read_jsonl(self.run_dir / "eval.jsonl") if r.get("step") == steps]
+            if done:
+                return {k: v for k, v in done[-1].items() if k != "step"}
+        return self.evaluate(steps)
+
+    def save(self, step: int) -> Path:
+        """Publish checkpoint ``step`` (main process; under FSDP every rank gathers first).
+
+        The run's records are synced first, so the checkpoint stands for everything written
+        up to its step. Nothing is written when the state is that of the checkpoint the run
+        resumed from (a finished run resumed again).
+
+        Returns:
+            The checkpoint folder (its path on every rank).
+        """
+        final = self.run_dir / "checkpoints" / f"{PREFIX}{step:08d}"
+        if step == self.saved_step:
+            return final
         weights = optim = None
         if self.fsdp is not None:
             weights, optim = sharding.full_state(self.fsdp, self.optimizer, self.parts.model)
         if self.accelerator.is_main_process:
-            state = {"commit": self.commit.state_dict(), "rng": rng_state()}
+            self.logger.sync()
+            state = {
+                "commit": self.commit.state_dict(),
+                "rng": rng_state(),
+                "counters": {
+                    "bad_in_a_row": self.bad_in_a_row,
+                    "skipped_steps": self.skipped_steps,
+                    "skipped_samples": self.skipped_samples,
+                },
+                "config": to_dict(self.cfg),
+                "processes": self.accelerator.num_processes,
+            }
             save_checkpoint(
                 self.run_dir,
                 step,
@@ -353,20 +442,28 @@ class Session:
                 weights=weights,
                 optimizer_state=optim,
             )
+        self.saved_step = step
         self.accelerator.wait_for_everyone()
+        return final
 
     def finish(self, final_eval: dict | None, seconds: float) -> dict:
         """Write summary.json and close the logs."""
         self.logger.close()
         summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
         summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
+        fault_point("finish")
         if self.accelerator.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 
 def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> Session:
-    """Build the accelerator, model, data, optimizer and CoMMIT; restore a checkpoint."""
+    """Build the accelerator, model, data, optimizer and CoMMIT; restore a checkpoint.
+
+    With ``resume`` the newest verified checkpoint is chosen and checked against the config
+    first (:mod:`.resume`), before anything is built; without it, an earlier run's files in
+    the run folder are replaced, once everything is built.
+    """
     from accelerate import Accelerator
 
     t = cfg.train
@@ -376,12 +473,13 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     cpu = t.cpu or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
     say = log if acc.is_main_process else (lambda _: None)
+    warn = logger.warning if acc.is_main_process else (lambda *_: None)
     run_dir = Path(cfg.run.output_dir)
+    ckpt, state = find_checkpoint(run_dir, resume, to_dict(cfg), acc.num_processes, say, warn)
     parts = assemble(cfg, say)
     say(f"strategy: {cfg.commit.strategy}  device: {acc.device}  processes: {acc.num_processes}")
     say(parts.components.table())
     _check_trainable(parts.components, cfg.commit.strategy)
-    ckpt = _checkpoint_to_resume(run_dir, resume, say)
     if ckpt is not None:  # weights go in before any wrapper shards or replicates them
         load_trainable(parts.model, ckpt)
     optimizer, ddp, fsdp = _wrap(acc, parts, t, say)
@@ -400,32 +498,80 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         all_reduce=_all_reduce if acc.num_processes > 1 else None,
         sharded=fsdp is not None,
     )
-    start = _restore(ckpt, fsdp, optimizer, commit, say)
+    start = restore(ckpt, state, optimizer, commit, fsdp, say, warn)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if not resume:
+            _start_over(run_dir, warn)
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run_logger = RunLogger(
         run_dir,
         acc.is_main_process,
         cfg.run.tensorboard,
         cfg.run.wandb,
-        resume_step=start,
+        resume_step=start if resume else None,
         config=to_dict(cfg),
     )
     order = BatchOrder(
         len(parts.train_set), t.batch_size, cfg.run.seed, acc.process_index, acc.num_processes
     )
     total = t.steps * t.grad_accum
+    on_bad = cfg.data.on_bad_sample
     data = _MicroBatches(
-        parts.train_set, parts.collator, order, start * t.grad_accum, total, cfg.data.on_bad_sample
+        parts.train_set, parts.collator, order, start * t.grad_accum, total, on_bad, t.grad_accum
     )
     loader = iter(
-        torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers)
+        torch.utils.data.DataLoader(
+            data,
+            batch_size=None,
+            num_workers=cfg.data.num_workers,
+            worker_init_fn=_leave_signals_to_the_main_process,
+        )
     )
     params = [p for c in parts.components for p in c.params]
-    return Session(
+    s = Session(
         cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
     )
+    if state is not None:
+        s.bad_in_a_row, s.skipped_steps, s.skipped_samples = (
+            int(state.get("counters", {}).get(k, 0))
+            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples")
+        )
+        if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
+            s.saved_step = start
+    return s
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM: the main process stops after a step.
+
+    Ctrl-C reaches the whole process group; a worker that died of it would fail the step
+    the main process is finishing. Workers exit with the main process.
+    """
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _start_over(run_dir: Path, warn: Callable[..., None]) -> None:
+    """A run without --resume: remove an earlier run's checkpoints and records, saying so."""
+    found = [n for n in RUN_FILES if (run_dir / n).exists()]
+    found += [f"{n}/" for n in ("checkpoints", *RUN_DIRS) if (run_dir / n).exists()]
+    if found:
+        warn(
+            "%s: replacing the files of an earlier run (%s) because this run has no "
+            "--resume; use --resume to continue that run instead",
+            run_dir,
+            ", ".join(found),
+        )
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _check_trainable(components: Any, strategy: str) -> None:
@@ -464,30 +610,6 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
     model, optimizer = acc.prepare(parts.model, opt_cls(parts.components.param_groups()))
     parts.model = acc.unwrap_model(model)
     return optimizer, (model if acc.num_processes > 1 else None), None
-
-
-def _checkpoint_to_resume(run_dir: Path, resume: bool, say: Callable[[str], None]) -> Path | None:
-    if not resume:
-        return None
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        say(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
-    return ckpt
-
-
-def _restore(ckpt: Path | None, fsdp: Any, optimizer: Any, commit: CoMMIT, say) -> int:
-    """Optimizer, CoMMIT and RNG state of ``ckpt`` (its weights are already loaded)."""
-    if ckpt is None:
-        return 0
-    state, optim = load_resume_state(ckpt, fsdp=fsdp is not None)
-    if fsdp is not None:
-        sharding.load_optimizer_state(optimizer, optim)
-    else:
-        optimizer.load_state_dict(optim)
-    commit.load_state_dict(state["commit"])
-    set_rng_state(state["rng"])
-    say(f"resume: from {ckpt} (step {state['step']})")
-    return int(state["step"])
 
 
 def _all_reduce(t: torch.Tensor) -> None:
