@@ -105,8 +105,9 @@ def fault_point(name: str) -> None:
 
     ``COMMIT_MLLM_KILL_AT=<point>`` sends SIGKILL; ``COMMIT_MLLM_SIGNAL_AT=<point>`` sends
     ``COMMIT_MLLM_SIGNAL`` (``TERM`` or ``INT``, default ``TERM``) ``COMMIT_MLLM_SIGNAL_COUNT``
-    times (default 1), through the run's real handler. ``COMMIT_MLLM_FAULT_RANK=<r>`` limits
-    either to the process whose ``RANK`` is r. Nothing happens otherwise.
+    times (default 1), through the run's real handler (to the whole process group, as Ctrl-C
+    in a terminal does, with ``COMMIT_MLLM_SIGNAL_GROUP=1``). ``COMMIT_MLLM_FAULT_RANK=<r>``
+    limits either to the process whose ``RANK`` is r. Nothing happens otherwise.
 
     Points: ``step:<i>`` (step index i done and logged, before its eval / save),
     ``eval:<n>`` (the evaluation after n steps written, before the checkpoint of step n),
@@ -124,8 +125,12 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if env.get("COMMIT_MLLM_SIGNAL_AT") == name:
         sig = getattr(signal, "SIG" + env.get("COMMIT_MLLM_SIGNAL", "TERM"))
+        group = env.get("COMMIT_MLLM_SIGNAL_GROUP") == "1"
         for _ in range(int(env.get("COMMIT_MLLM_SIGNAL_COUNT", "1"))):
-            os.kill(os.getpid(), sig)
+            if group:
+                os.killpg(os.getpgid(0), sig)
+            else:
+                os.kill(os.getpid(), sig)
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -59,7 +59,10 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self.signum is not None:
             # Second signal: leave now. Everything published so far is complete.
-            self._say(f"commit-mllm: {name} again: stopping now, without a new checkpoint")
+            self._say(
+                f"commit-mllm: {name} again: stopping now, without a new checkpoint "
+                "(--resume continues from the last one)"
+            )
             os._exit(128 + signum)
         self.signum = signum
         self._say(

@@ -139,8 +139,8 @@ def check_resume_config(
     step = state.get("step")
     if errors:
         raise ValueError(
-            f"--resume from step {step}: {'; '.join(errors)}: restore the setting (as in "
-            f"{run_dir}/config.yaml) or start a new run in another run.output_dir"
+            f"--resume from step {step}: {'; '.join(errors)}: resume with the checkpoint's "
+            "value, or start a new run in another run.output_dir"
         )
     before = _samples(saved, int(state.get("processes", 1)))
     after = _samples(now, processes)
