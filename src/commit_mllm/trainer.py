@@ -329,7 +329,7 @@ class Session:
         if self.bad_in_a_row >= limit:
             last = latest_checkpoint(self.run_dir)
             then = (
-                f"resume from {last.name} with --resume"
+                f"add --resume to continue from {last.name}"
                 if last is not None
                 else "start again (no checkpoint was written)"
             )
