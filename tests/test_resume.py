@@ -221,6 +221,42 @@ def test_sigterm_saves_and_says_how_to_resume_a_second_sigint_stops_at_once(refe
     _assert_same_as(out, reference)
 
 
+def test_a_signal_in_the_last_step_saves_it_and_resume_does_the_final_evaluation(
+    reference, tmp_path
+):
+    out = tmp_path / "run"
+    res = _cli(out, COMMIT_MLLM_SIGNAL_AT="step:5")
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    assert "stopped by SIGTERM after step 6 of 6; checkpoint " in res.stderr
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [2, 4]  # left to --resume
+    res = _cli(out, resume=True)
+    assert res.returncode == 0 and "(step 6)" in res.stdout, res.stderr[-3000:]
+    _assert_same_as(out, reference)
+
+
+def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, capsys, monkeypatch):
+    import commit_mllm.trainer as trainer
+    from commit_mllm.cli import main
+
+    real = trainer.assemble
+
+    def slow_to_build(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the model is being built
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "assemble", slow_to_build)
+    args = ["train", "--config", TINY, f"run.output_dir={tmp_path}", "run.progress=false"]
+    assert main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "commit-mllm train: stopped by SIGINT after step 0 of 5; no checkpoint yet. Continue "
+        f"with: commit-mllm train --config {TINY} run.output_dir={tmp_path} "
+        "run.progress=false --resume"
+    )
+    assert not (tmp_path / "checkpoints").exists() and not read_jsonl(tmp_path / "metrics.jsonl")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_with_loader_workers(reference, tmp_path):
     # Ctrl-C in a terminal signals every process of the group, DataLoader workers included.

@@ -56,17 +56,15 @@ class Preempted(Exception):
         signum: The signal's number.
         step: Optimizer steps done (the checkpoint's step).
         steps: Steps the run was configured for.
-        checkpoint: The checkpoint to resume from (None when the run had no step to save).
+        checkpoint: The checkpoint to resume from (None when stopped before a first step).
         run_dir: The run folder.
     """
 
     def __init__(self, signum: int, step: int, steps: int, checkpoint: Path | None, run_dir: Path):
         self.signum, self.step, self.steps = signum, step, steps
         self.checkpoint, self.run_dir = checkpoint, run_dir
-        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
-        super().__init__(
-            f"stopped by {self.signal_name} after step {step} of {steps}; {saved} is written"
-        )
+        saved = f"checkpoint {checkpoint} is written" if checkpoint else "no checkpoint yet"
+        super().__init__(f"stopped by {self.signal_name} after step {step} of {steps}; {saved}")
 
     @property
     def signal_name(self) -> str:

@@ -1,11 +1,12 @@
 """Preemption: SIGTERM / SIGINT end a run after the current step, with a checkpoint.
 
 Cluster schedulers and spot instances stop a job with SIGTERM (then SIGKILL after a grace
-period); Ctrl-C sends SIGINT. While the training loop runs, :class:`StopSignal` turns the
-first such signal into a request that the loop honours after the step it is in (and its
-evaluation and checkpoint when due): it writes a checkpoint of that step and stops. A second
-signal ends the process at once (exit code 128 + the signal's number), which is safe
-because checkpoints are published atomically.
+period); Ctrl-C sends SIGINT. While :func:`~commit_mllm.trainer.train` runs (it is wrapped
+in :func:`stop_on_signals`), :class:`StopSignal` turns the first such signal into a request
+that the loop honours after the step it is in (and that step's evaluation and checkpoint
+when due): it writes a checkpoint of that step and stops. A signal during setup stops the
+run before its first step. A second signal ends the process at once (exit code 128 + the
+signal's number), which is safe because checkpoints are published atomically.
 
 With several processes every rank must stop after the same step (the checkpoint is a
 collective under FSDP, and DDP's next all-reduce would hang). :meth:`StopSignal.agreed`
@@ -14,19 +15,54 @@ all-reduces the request, so a signal that reached one rank stops them all togeth
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["SIGNALS", "StopSignal"]
+__all__ = ["SIGNALS", "StopSignal", "current", "stop_on_signals"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+F = TypeVar("F", bound=Callable[..., Any])
+_current: StopSignal | None = None
+
+
+def current() -> StopSignal | None:
+    """The :class:`StopSignal` of the running :func:`stop_on_signals` call, if any."""
+    return _current
+
+
+def stop_on_signals(fn: F) -> F:
+    """Run ``fn`` with SIGTERM / SIGINT recorded by a :class:`StopSignal` (see :func:`current`).
+
+    Nested calls share the outer one's; the previous handlers come back when ``fn`` returns
+    or raises.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _current
+        if _current is not None:
+            return fn(*args, **kwargs)
+        with StopSignal() as stop:
+            _current = stop
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _current = None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _stderr_on_rank_0(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 class StopSignal:
@@ -36,12 +72,12 @@ class StopSignal:
     and the previous ones restored on exit.
 
     Args:
-        say: Where the one-line notice of the first signal goes (default stderr).
+        say: Where the one-line notices go (default stderr, on rank 0 only).
     """
 
     def __init__(self, say: Callable[[str], None] | None = None):
         self.signum: int | None = None
-        self._say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._say = say or _stderr_on_rank_0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -66,8 +102,8 @@ class StopSignal:
             os._exit(128 + signum)
         self.signum = signum
         self._say(
-            f"commit-mllm: {name}: finishing this step and writing a checkpoint "
-            f"(send it again to stop at once)"
+            f"commit-mllm: {name}: stopping after the current step, with a checkpoint "
+            "(send it again to stop at once)"
         )
 
     def agreed(self, all_reduce: Callable[[torch.Tensor], None] | None, device: Any) -> int | None:

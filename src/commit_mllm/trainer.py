@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import sharding
+from . import preemption, sharding
 from .assembly import Assembly, assemble
 from .balance import supervised_mask
 from .checkpoint import (
@@ -40,7 +40,6 @@ from .config import RunConfig, to_dict
 from .coordinator import CoMMIT
 from .errors import NonFiniteError, Preempted
 from .evaluation import evaluate
-from .preemption import StopSignal
 from .resume import find_checkpoint, restore
 from .tracking import RUN_DIRS, RUN_FILES, RunLogger, read_jsonl
 
@@ -49,6 +48,7 @@ __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
 logger = logging.getLogger(__name__)
 
 
+@preemption.stop_on_signals
 def train(
     cfg: RunConfig,
     *,
@@ -70,7 +70,7 @@ def train(
 
     Raises:
         Preempted: SIGTERM or SIGINT stopped the run; a checkpoint of its last step is
-            written (handlers are installed only while the steps run, from the main thread).
+            written (the handlers are installed while ``train`` runs, from the main thread).
         NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row.
         ValueError: A config that cannot resume the checkpoint, bad data (one line each).
     """
@@ -269,27 +269,37 @@ class Session:
     saved_step: int | None = None  # the step of the published checkpoint this state equals
 
     def steps(self) -> Iterator[int]:
-        """Step indices from ``start_step`` on, stopping early on SIGTERM / SIGINT.
+        """Step indices from ``start_step`` on, ending early on SIGTERM / SIGINT.
 
-        While it runs, the first SIGTERM or SIGINT is recorded (:class:`StopSignal`); after
-        each step (and its evaluation and checkpoint when due) every process agrees whether
-        to stop, and if so the step's checkpoint is written and :class:`Preempted` raised.
-        A signal during the last step lets the run finish.
+        Before each step, and after the last one, every process agrees whether a signal
+        asked to stop (:func:`preemption.current`); if so the state is published as a
+        checkpoint (nothing new before the first step) and :class:`Preempted` is raised.
+        After the last step the final checkpoint is then written and the final evaluation
+        left to ``--resume``.
         """
-        t, main = self.cfg.train, self.accelerator.is_main_process
-        reduce = _all_reduce if self.accelerator.num_processes > 1 else None
         try:
-            with StopSignal(None if main else (lambda _: None)) as stop:
-                for step in range(self.start_step, t.steps):
-                    yield step
-                    done = step + 1
-                    signum = stop.agreed(reduce, self.accelerator.device)
-                    if signum is not None and done < t.steps:
-                        ckpt = self.save(done)
-                        raise Preempted(signum, done, t.steps, ckpt, self.run_dir)
+            for step in range(self.start_step, self.cfg.train.steps):
+                self._stop_if_asked(step)
+                yield step
+            self._stop_if_asked(self.cfg.train.steps)
         except BaseException:
             self.logger.close()  # flush what TensorBoard holds; the checkpoint is published
             raise
+
+    def _stop_if_asked(self, done: int) -> None:
+        stop = preemption.current()
+        if stop is None:
+            return
+        reduce = _all_reduce if self.accelerator.num_processes > 1 else None
+        signum = stop.agreed(reduce, self.accelerator.device)
+        if signum is None:
+            return
+        ckpt = None
+        if done > 0:
+            ckpt = self.save(done)
+        elif self.saved_step is not None:
+            ckpt = self.run_dir / "checkpoints" / f"{PREFIX}{self.saved_step:08d}"
+        raise Preempted(signum, done, self.cfg.train.steps, ckpt, self.run_dir)
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch, on the device; skipped bad samples are recorded."""
