@@ -197,7 +197,7 @@ def test_sigterm_saves_and_says_how_to_resume_a_second_sigint_stops_at_once(refe
     assert "Traceback" not in res.stderr
     notice, last = res.stderr.strip().splitlines()[-2:]
     assert notice == (
-        "commit-mllm: SIGTERM: finishing this step and writing a checkpoint "
+        "commit-mllm: SIGTERM: stopping after the current step, with a checkpoint "
         "(send it again to stop at once)"
     )
     assert last.startswith("commit-mllm train: stopped by SIGTERM after step 3 of 6; checkpoint ")
