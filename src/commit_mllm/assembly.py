@@ -271,7 +271,11 @@ def assemble(cfg: RunConfig, log: Callable[[str], None] = logger.info) -> Assemb
         mcfg, modality, processors, cfg.model.image_size
     )
     collator = Collator(
-        tokenizer, image_processor, feature_extractor, max_length=cfg.data.max_length
+        tokenizer,
+        image_processor,
+        feature_extractor,
+        max_length=cfg.data.max_length,
+        blind=cfg.data.blind,
     )
     mcfg.image_token_id = collator.image_token_id
     mcfg.audio_token_id = collator.audio_token_id

@@ -94,6 +94,9 @@ class DataConfig:
         num_workers: DataLoader worker processes.
         on_bad_sample: ``error`` (stop, naming the row) or ``skip`` (drop the row, count it and
             list it in ``skipped_samples.jsonl`` of the run folder).
+        blind: Text-only baseline: images and clips are replaced by zeros in training and
+            evaluation, so the run measures the language prior (the same model trained
+            without the modality).
     """
 
     task: str | None = "easy-vqa"
@@ -109,6 +112,7 @@ class DataConfig:
     max_length: int = 128
     num_workers: int = 0
     on_bad_sample: str = "error"
+    blind: bool = False
 
 
 @dataclass

@@ -106,7 +106,9 @@ def train(
         commit.before_step()
         opt.step()
         # ---- kappa -> kappa_bar -> factors -> the next step's LRs -------------------------
-        report = commit.after_step()
+        # (strategy progress: measured on the next batch, which this step did not train on)
+        heldout = s.peek_batch() if commit.heldout and step + 1 < t.steps else None
+        report = commit.after_step(heldout)
         opt.zero_grad(set_to_none=True)
         # ---- log -------------------------------------------------------------------------
         ce_mean, aux_mean = ce_sum / t.grad_accum, aux_sum / t.grad_accum
@@ -267,6 +269,7 @@ class Session:
     skipped_steps: int = 0
     skipped_samples: int = 0
     saved_step: int | None = None  # the step of the published checkpoint this state equals
+    _peeked: tuple[dict[str, Any], list[dict]] | None = None
 
     def steps(self) -> Iterator[int]:
         """Step indices from ``start_step`` on, ending early on SIGTERM / SIGINT.
@@ -301,15 +304,30 @@ class Session:
             ckpt = self.run_dir / "checkpoints" / f"{PREFIX}{self.saved_step:08d}"
         raise Preempted(signum, done, self.cfg.train.steps, ckpt, self.run_dir)
 
+    def peek_batch(self) -> dict[str, Any]:
+        """The micro-batch :meth:`next_batch` returns next (fetched now, kept for it)."""
+        if self._peeked is None:
+            self._peeked = self._fetch()
+        return self._peeked[0]
+
     def next_batch(self) -> dict[str, Any]:
-        """The next micro-batch, on the device; skipped bad samples are recorded."""
-        batch = next(self.loader)
-        skipped = batch.pop("_skipped", None)
+        """The next micro-batch, on the device; its skipped bad samples are recorded now.
+
+        Recording when a batch is trained on (not when it is peeked at) keeps the records and
+        counters of a checkpoint to the steps it holds.
+        """
+        batch, skipped = self._peeked if self._peeked is not None else self._fetch()
+        self._peeked = None
         if skipped:
             self.skipped_samples += len(skipped)
             self.logger.log_skipped(skipped)
+        return batch
+
+    def _fetch(self) -> tuple[dict[str, Any], list[dict]]:
+        batch = next(self.loader)
+        skipped = batch.pop("_skipped", None) or []
         dev = self.accelerator.device
-        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}, skipped
 
     def clip_gradients(self) -> torch.Tensor | None:
         """Clip to ``train.max_grad_norm`` (None when 0); return the total norm before it.
