@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["SIGNALS", "StopSignal", "current", "stop_on_signals"]
+__all__ = ["SIGNALS", "StopSignal", "current", "ignore_in_worker", "stop_on_signals"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,3 +128,13 @@ class StopSignal:
         if term > 0:
             return int(signal.SIGTERM)
         return int(signal.SIGINT) if intr > 0 else None
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT / SIGTERM.
+
+    Ctrl-C reaches the whole process group; a worker that died of it would fail the step the
+    main process is finishing. Workers exit with the main process.
+    """
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

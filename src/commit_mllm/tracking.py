@@ -15,11 +15,19 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFormatError", "RunLogger", "clear", "read_jsonl", "rewind"]
+__all__ = [
+    "RunFormatError",
+    "RunLogger",
+    "clear",
+    "read_jsonl",
+    "rewind",
+    "start_over",
+    "write_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +82,8 @@ RUN_DIRS = ("predictions", "tb", "plots")
 _TB_STAGE = ".tb-rewind"  # beside tb/, which TensorBoard would show as a run of its own
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically (temp file, fsync, rename)."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temp file beside it, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -87,7 +95,7 @@ def _replace_text(path: Path, text: str) -> None:
 def _keep_jsonl(path: Path, keep: Any) -> None:
     if path.exists():
         records = [r for r in read_jsonl(path) if keep(r)]
-        _replace_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _prediction_step(path: Path) -> int | None:
@@ -126,6 +134,24 @@ def rewind(run_dir: str | Path, step: int, micro_batches: int | None = None) -> 
                 path.unlink()
     (run_dir / "summary.json").unlink(missing_ok=True)
     _rewind_tensorboard(run_dir, step)
+
+
+def start_over(run_dir: Path, warn: Callable[..., None]) -> None:
+    """A new run in ``run_dir``: remove an earlier run's checkpoints (and say what it had).
+
+    Its records go when the run's :class:`RunLogger` starts (:func:`clear`). Leaving the
+    checkpoints would let a later ``--resume`` pick the earlier run's newer ones.
+    """
+    found = [n for n in RUN_FILES if (run_dir / n).exists()]
+    found += [f"{n}/" for n in ("checkpoints", *RUN_DIRS) if (run_dir / n).exists()]
+    if found:
+        warn(
+            "%s: replacing the files of an earlier run (%s) because this run has no "
+            "--resume; use --resume to continue that run instead",
+            run_dir,
+            ", ".join(found),
+        )
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def clear(run_dir: str | Path) -> list[str]:
@@ -275,7 +301,7 @@ class RunLogger:
         preds = self.run_dir / "predictions"
         preds.mkdir(exist_ok=True)
         text = "".join(json.dumps(p) + "\n" for p in predictions)
-        _replace_text(preds / f"step-{step:08d}.jsonl", text)
+        write_atomic(preds / f"step-{step:08d}.jsonl", text)
         self._write("eval.jsonl", record)
         self._scalars("eval", record)
 

@@ -12,12 +12,9 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import yaml
 from . import preemption, sharding
 from .assembly import Assembly, assemble
 from .balance import supervised_mask
+from .batches import BatchOrder, MicroBatches
 from .checkpoint import (
     PREFIX,
     fault_point,
@@ -41,7 +39,7 @@ from .coordinator import CoMMIT
 from .errors import NonFiniteError, Preempted
 from .evaluation import evaluate
 from .resume import find_checkpoint, restore
-from .tracking import RUN_DIRS, RUN_FILES, RunLogger, read_jsonl
+from .tracking import RunLogger, read_jsonl, start_over, write_atomic
 
 __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
 
@@ -160,92 +158,6 @@ def _targets(batch: dict[str, Any]) -> torch.Tensor:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
-
-
-# ---- batch order ------------------------------------------------------------------------
-class BatchOrder:
-    """Deterministic data order: the step is the exact data position.
-
-    Positions run over an endless concatenation of per-epoch permutations (seed + epoch).
-    Micro-batch ``i`` covers positions ``[i G, (i + 1) G)`` of the global batch ``G``; rank
-    ``r`` takes its ``r``-th slice of ``batch_size``.
-
-    Args:
-        n: Dataset size.
-        batch_size: Per-process micro-batch size.
-        seed: Seed of the permutations.
-        rank: This process's rank.
-        world: Number of processes.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if n < 1:
-            raise ValueError("the training set is empty")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-
-    @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs, one order object per run
-    def _perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def indices(self, micro: int) -> list[int]:
-        """Dataset indices of micro-batch ``micro`` on this rank."""
-        start = (micro * self.world + self.rank) * self.batch_size
-        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
-
-
-class _MicroBatches(torch.utils.data.Dataset):
-    """Collated micro-batches from ``start`` on (a map-style dataset for DataLoader workers).
-
-    A sample that cannot be loaded or collated is an error naming its index and id
-    (``on_bad_sample: error``), or is dropped from its micro-batch and reported under the
-    batch key ``_skipped`` (``on_bad_sample: skip``).
-    """
-
-    def __init__(self, data, collator, order, start: int, total: int, on_bad: str, accum: int = 1):
-        self.data, self.collator, self.order = data, collator, order
-        self.start, self.total, self.on_bad = start, total, on_bad
-        self.accum = accum  # micro-batches per optimizer step (a skipped row records its step)
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        micro = self.start + k
-        indices = self.order.indices(micro)
-        try:
-            return self.collator([self.data[i] for i in indices])
-        except (ValueError, OSError):
-            pass  # find the bad rows one by one: the slow path only runs on bad data
-        good, skipped = [], []
-        for i in indices:
-            try:
-                sample = self.data[i]
-                self.collator([sample])
-                good.append(sample)
-            except (ValueError, OSError) as e:
-                sid = _sample_id(self.data, i)
-                if self.on_bad == "error":
-                    raise ValueError(f"train sample {i} (id {sid}): {e}") from None
-                skipped.append(
-                    {
-                        "step": micro // self.accum,
-                        "micro_batch": micro,
-                        "index": i,
-                        "id": sid,
-                        "reason": str(e),
-                    }
-                )
-        if not good:
-            raise ValueError(f"micro-batch {micro}: every sample is bad ({skipped[0]['reason']})")
-        return {**self.collator(good), "_skipped": skipped}
-
-
-def _sample_id(data: Sequence[dict], i: int) -> str:
-    try:
-        return str(data[i].get("id", i))
-    except Exception:  # the row itself may be what fails to load
-        return str(i)
 
 
 # ---- session: everything the loop uses --------------------------------------------------
@@ -481,7 +393,7 @@ class Session:
         summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
         fault_point("finish")
         if self.accelerator.is_main_process:
-            _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 
@@ -530,8 +442,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            _start_over(run_dir, warn)
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            start_over(run_dir, warn)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run_logger = RunLogger(
         run_dir,
         acc.is_main_process,
@@ -545,7 +457,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     )
     total = t.steps * t.grad_accum
     on_bad = cfg.data.on_bad_sample
-    data = _MicroBatches(
+    data = MicroBatches(
         parts.train_set, parts.collator, order, start * t.grad_accum, total, on_bad, t.grad_accum
     )
     loader = iter(
@@ -553,7 +465,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
             data,
             batch_size=None,
             num_workers=cfg.data.num_workers,
-            worker_init_fn=_leave_signals_to_the_main_process,
+            worker_init_fn=preemption.ignore_in_worker,
         )
     )
     params = [p for c in parts.components for p in c.params]
@@ -568,38 +480,6 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
             s.saved_step = start
     return s
-
-
-def _leave_signals_to_the_main_process(worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT / SIGTERM: the main process stops after a step.
-
-    Ctrl-C reaches the whole process group; a worker that died of it would fail the step
-    the main process is finishing. Workers exit with the main process.
-    """
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _start_over(run_dir: Path, warn: Callable[..., None]) -> None:
-    """A run without --resume: remove an earlier run's checkpoints and records, saying so."""
-    found = [n for n in RUN_FILES if (run_dir / n).exists()]
-    found += [f"{n}/" for n in ("checkpoints", *RUN_DIRS) if (run_dir / n).exists()]
-    if found:
-        warn(
-            "%s: replacing the files of an earlier run (%s) because this run has no "
-            "--resume; use --resume to continue that run instead",
-            run_dir,
-            ", ".join(found),
-        )
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _check_trainable(components: Any, strategy: str) -> None:
