@@ -284,26 +284,37 @@ def _torchrun(out_dir, *extra, **hooks):
     )
 
 
-def test_two_processes_stop_together_when_one_gets_sigterm(reference, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_processes_stop_together_when_one_gets_sigterm(reference, tmp_path, sharding):
     import torch.distributed as dist
 
     if not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available here")
+    extra = ["train.fsdp=true"] if sharding == "fsdp" else []
     out = tmp_path / "run"
-    res = _torchrun(out, COMMIT_MLLM_SIGNAL_AT="step:2", COMMIT_MLLM_FAULT_RANK="1")
+    hooks = {"COMMIT_MLLM_SIGNAL_AT": "step:2", "COMMIT_MLLM_FAULT_RANK": "1"}
+    res = _torchrun(out, *extra, **hooks)
     assert res.returncode != 0
     assert res.stderr.count("stopped by SIGTERM after step 3 of 6") == 1, res.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-00000003"
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
-    res = _torchrun(out, "--resume")
+    res = _torchrun(out, *extra, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "(step 3)" in res.stdout
+    got = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [2, 4, 6]
+    if sharding == "fsdp":  # against an uninterrupted two-process FSDP run: bit-identical
+        full = tmp_path / "full"
+        assert _torchrun(full, *extra).returncode == 0
+        assert got == read_jsonl(full / "metrics.jsonl")
+        assert read_jsonl(out / "eval.jsonl") == read_jsonl(full / "eval.jsonl")
+        assert _weights_hash(out) == _weights_hash(full)
+        return
     # 2 ranks x batch 2 = the reference's batch 4 (equal to 1e-5, tests/test_distributed.py).
-    got, want = read_jsonl(out / "metrics.jsonl"), reference.outputs["metrics"]
+    want = reference.outputs["metrics"]
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for a, b in zip(got, want):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-5)
-    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [2, 4, 6]
 
 
 # ---- what a resume may change ------------------------------------------------------------
