@@ -278,8 +278,10 @@ class RunLogger:
         if wandb:
             try:
                 import wandb as wb
-            except ImportError as e:
-                raise RuntimeError("run.wandb: true needs `pip install wandb`") from e
+            except ImportError:
+                raise ValueError(
+                    "run.wandb: true needs `pip install wandb` (or set run.wandb=false)"
+                ) from None
             self.wandb = wb.init(dir=str(self.run_dir), config=dict(config or {}), resume="allow")
 
     def _write(self, name: str, record: Mapping[str, Any]) -> None:
