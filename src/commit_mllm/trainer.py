@@ -334,7 +334,8 @@ class Session:
         """The evaluation after the last step: run it, or read it back for a finished run.
 
         A finished run that is resumed (``start_step == train.steps``) wrote its final
-        evaluation before its last checkpoint; it is read from eval.jsonl, not repeated.
+        evaluation before its last checkpoint: it is read from eval.jsonl, not repeated. It
+        runs when absent (a stop right after the last step leaves it to ``--resume``).
         """
         steps = self.cfg.train.steps
         if self.start_step == steps and self.parts.eval_set is not None:
