@@ -149,6 +149,9 @@ def test_learning_rate_is_the_default_base_rate(tmp_path):
         assert hist["lr/llm"] == pytest.approx(7e-4 * s * f_llm, rel=1e-9, abs=1e-15), t
         prev = hist
     assert cb.history[-1]["commit/factor/llm"] != 1.0
+    # Step 1 trains at rate 0 (warmup): flagged; later estimates do not carry the stale flag.
+    assert logged[0]["commit/flag/llm"] == "zero_update"
+    assert not any(k.startswith("commit/flag/") for k in logged[-1])
 
 
 def test_unset_rates_need_training_arguments():

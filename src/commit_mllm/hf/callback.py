@@ -111,6 +111,7 @@ class CoMMITCallback(TrainerCallback):
         self.last: StepReport | None = None
         self.history: list[dict[str, Any]] = []
         self.latest: dict[str, Any] = {}
+        self._estimate: dict[str, Any] = {}
         self.resume_from: str | None = None
         self.trainer: Any = None
         self.group_params: list[list[nn.Parameter]] | None = None
@@ -171,7 +172,7 @@ class CoMMITCallback(TrainerCallback):
         )
         if deepspeed_engine is not None:
             self._hook = EngineStepHook(deepspeed_engine, self._before_engine_step)
-        self.latest = {}
+        self.latest, self._estimate = {}, {}
         how = "cached encoder" if adapter is not None else "full forward per branch"
         logger.info("CoMMIT %s (%s)\n%s", self.config.strategy, how, self.components.table())
         return self.commit
@@ -272,7 +273,10 @@ class CoMMITCallback(TrainerCallback):
         self.last = self._engine().after_step()
         record = self.metrics(self.last)
         self.history.append(record)
-        self.latest.update(record)
+        if self.last.measurement is not None:
+            self._estimate = record
+        # The step's own values; kappa, D_c, flags ... of the newest estimate (every K > 1).
+        self.latest = {**self._estimate, **record}
 
     def on_step_end(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
         """Multiply the rates the Trainer's scheduler just set by the CoMMIT factors."""

@@ -1,12 +1,15 @@
-"""DeepSpeed ZeRO through CoMMITTrainer, on CPU (gloo), against the same run without it.
+"""CoMMITTrainer on several processes (DDP) and under DeepSpeed ZeRO, on CPU (gloo).
 
-Under DeepSpeed the engine updates inside backward; CoMMIT must snapshot theta_t before that
-(a hook on the engine's step). Checked here for real: tiny LLaVA, 1 and 2 CPU processes
-(torchrun + DeepSpeed's CPU accelerator), kappa / D_c / per-component norms and rates equal
-to the run without DeepSpeed on the same global batches.
+Every rank measures its own micro-batch and the KL sums are summed over ranks, so all ranks
+get the kappa of the global batch (and the same factors and rates). Under DeepSpeed the
+engine updates inside backward; CoMMIT must snapshot theta_t before that (a hook on the
+engine's step). Checked here for real: tiny LLaVA, 1 and 2 CPU processes (torchrun, and
+DeepSpeed's CPU accelerator), kappa / D_c / per-component norms and rates equal to the
+one-process run without DeepSpeed on the same global batches.
 
 This file is also the training script the tests launch: ``python -m torch.distributed.run
---standalone --nproc_per_node 2 tests/test_hf_deepspeed.py --stage 2 --out result.json``.
+--standalone --nproc_per_node 2 tests/test_hf_distributed.py --stage 2 --out result.json``
+(no ``--stage``: DDP).
 """
 
 from __future__ import annotations
@@ -75,12 +78,7 @@ def train(
         PartialState(backend="gloo")
         extra["accelerator_config"] = {"use_configured_state": True}
     if stage is not None and launcher == "torchrun":
-        extra["deepspeed"] = {
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "zero_optimization": {"stage": stage},
-        }
+        extra["deepspeed"] = {**DS_CONFIG, "zero_optimization": {"stage": stage}}
     if stage is None and launcher == "torchrun" and not cuda:
         extra["use_cpu"] = True
     model = build("llava")
@@ -131,22 +129,31 @@ def train(
 
 
 # ---- the tests --------------------------------------------------------------------------------
-def _launch(tmp_path, world: int, *script_args: str, accelerate: list[str] | None = None):
+DS_CONFIG = {  # what docs/integrations.md shows
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+    "bf16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+def _launch(tmp_path, world: int, *script_args: str, head: list[str] | None = None):
+    """Run this file as a script under torchrun (default) or the launcher in ``head``."""
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PYTHONPATH": os.pathsep.join(
             [str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]
         ),
     }
     out = tmp_path / "result.json"
-    if accelerate is None:
+    if head is None:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         head += ["--nproc_per_node", str(world)]
-    else:
-        head = [sys.executable, "-m", "accelerate.commands.launch", *accelerate]
     cmd = [*head, str(Path(__file__)), "--out", str(out), *script_args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     return done, (json.loads(out.read_text()) if out.exists() else None)
@@ -175,8 +182,8 @@ def reference():
     return get
 
 
-def _assert_same(got: dict, ref: dict, world: int):
-    assert got["deepspeed"] and got["world"] == world
+def _assert_same(got: dict, ref: dict, world: int, deepspeed: bool = True):
+    assert got["deepspeed"] == deepspeed and got["world"] == world
     assert len(got["history"]) == len(ref["history"]) == STEPS
     for t, (a, b) in enumerate(zip(got["history"], ref["history"])):
         assert a["commit/D/encoder"] > 0 and a["commit/D/llm"] > 0, t
@@ -184,6 +191,14 @@ def _assert_same(got: dict, ref: dict, world: int):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-12), (t, key)
     assert got["weights"] == pytest.approx(ref["weights"], rel=1e-6)
     assert got["history"][-1]["commit/factor/llm"] != 1.0
+
+
+@pytest.mark.slow  # the 2-process ZeRO-2 test below runs the same all-reduce by default
+def test_ddp_two_processes_equal_one(reference, tmp_path):
+    """Without the summed KL each rank had its own kappa, factors and rates (diverging)."""
+    done, got = _launch(tmp_path, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same(got, reference(1), 2, deepspeed=False)
 
 
 @pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2])
@@ -202,13 +217,31 @@ def test_zero_stages_and_accumulation(deepspeed, reference, tmp_path, stage, ga)
 
 
 @pytest.mark.slow
-def test_accelerate_launch_with_a_deepspeed_config(deepspeed, reference, tmp_path):
-    """accelerate launch --use_deepspeed: the plugin comes from the launcher, not the args."""
-    acc = ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "1"]
-    acc += ["--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0"]
-    done, got = _launch(tmp_path, 1, "--launcher", "accelerate", accelerate=acc)
+@pytest.mark.parametrize("how", ["zero_stage", "config_file", "accelerate_yaml", "deepspeed"])
+def test_launchers_from_the_docs(deepspeed, reference, tmp_path, how):
+    """accelerate launch with a DeepSpeed config (the plugin comes from the launcher, not
+    from TrainingArguments), and the deepspeed launcher."""
+    (tmp_path / "ds_zero2.json").write_text(json.dumps(DS_CONFIG))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    world, script = 2, ["--launcher", "accelerate"]
+    if how == "zero_stage":
+        world, head = 1, [*accelerate, "--use_deepspeed", "--zero_stage", "2"]
+        head += ["--num_processes", "1", "--gradient_clipping", "1.0"]
+    elif how == "config_file":
+        head = [*accelerate, "--use_deepspeed", "--deepspeed_config_file", "ds_zero2.json"]
+        head += ["--num_processes", "2"]
+    elif how == "accelerate_yaml":
+        (tmp_path / "zero2.yaml").write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+            "deepspeed_config:\n  deepspeed_config_file: ds_zero2.json\nnum_processes: 2\n"
+        )
+        head = [*accelerate, "--config_file", "zero2.yaml"]
+    else:  # DeepSpeed's own launcher, TrainingArguments(deepspeed=...)
+        head = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2"]
+        script = ["--stage", "2"]
+    done, got = _launch(tmp_path, world, *script, head=head)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same(got, reference(1), 1)
+    _assert_same(got, reference(1), world)
 
 
 def test_zero3_is_refused_at_start(deepspeed, tmp_path):
@@ -275,6 +308,7 @@ def main() -> None:
     parser.add_argument("--ga", type=int, default=1)
     parser.add_argument("--launcher", default="torchrun", choices=["torchrun", "accelerate"])
     parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher's
     ns = parser.parse_args()
     train(ns.out, ns.stage, ns.ga, ns.launcher, ns.cuda)
 
