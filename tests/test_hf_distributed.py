@@ -45,6 +45,8 @@ def train(
     ga: int = 1,
     launcher: str = "torchrun",
     cuda: bool = False,
+    save_steps: int | None = None,
+    resume: str | None = None,
 ):
     """One run; every rank returns the CoMMIT history and a checksum of the weights.
 
@@ -55,6 +57,8 @@ def train(
         launcher: ``torchrun`` (config passed in TrainingArguments) or ``accelerate``
             (the DeepSpeed settings come from ``accelerate launch``).
         cuda: Train on the GPU (nccl) instead of the CPU (gloo).
+        save_steps: Save a checkpoint every this many steps (None: no checkpoints).
+        resume: Checkpoint folder to resume from.
     """
     import torch
     import transformers as T
@@ -101,7 +105,8 @@ def train(
         weight_decay=0.01,
         max_grad_norm=1.0,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         report_to=[],
         seed=0,
         remove_unused_columns=False,
@@ -116,7 +121,7 @@ def train(
         callbacks=[cb],
     )
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(batches)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     result = {
         "history": [{k: h[k] for k in KEYS} for h in cb.history],
         "weights": float(sum(p.detach().double().sum() for p in model.parameters())),
@@ -138,7 +143,9 @@ DS_CONFIG = {  # what docs/integrations.md shows
 }
 
 
-def _launch(tmp_path, world: int, *script_args: str, head: list[str] | None = None):
+def _launch(
+    tmp_path, world: int, *script_args: str, head: list[str] | None = None, out: str = "result"
+):
     """Run this file as a script under torchrun (default) or the launcher in ``head``."""
     env = {
         **os.environ,
@@ -150,7 +157,7 @@ def _launch(tmp_path, world: int, *script_args: str, head: list[str] | None = No
             [str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]
         ),
     }
-    out = tmp_path / "result.json"
+    out = tmp_path / f"{out}.json"
     if head is None:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         head += ["--nproc_per_node", str(world)]
@@ -182,14 +189,14 @@ def reference():
     return get
 
 
-def _assert_same(got: dict, ref: dict, world: int, deepspeed: bool = True):
+def _assert_same(got: dict, ref: dict, world: int, deepspeed: bool = True, rel: float = 1e-4):
     assert got["deepspeed"] == deepspeed and got["world"] == world
     assert len(got["history"]) == len(ref["history"]) == STEPS
     for t, (a, b) in enumerate(zip(got["history"], ref["history"])):
         assert a["commit/D/encoder"] > 0 and a["commit/D/llm"] > 0, t
         for key in KEYS:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-12), (t, key)
-    assert got["weights"] == pytest.approx(ref["weights"], rel=1e-6)
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-12), (t, key)
+    assert got["weights"] == pytest.approx(ref["weights"], rel=rel / 100)
     assert got["history"][-1]["commit/factor/llm"] != 1.0
 
 
@@ -242,6 +249,22 @@ def test_launchers_from_the_docs(deepspeed, reference, tmp_path, how):
     done, got = _launch(tmp_path, world, *script, head=head)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same(got, reference(1), world)
+
+
+@pytest.mark.slow
+def test_zero2_resume_restores_the_balance_state(deepspeed, tmp_path):
+    """A DeepSpeed checkpoint resumes with its commit_state.pt (factors, window, step)."""
+    done, full = _launch(tmp_path, 2, "--stage", "2", "--save-steps", "2", out="full")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = tmp_path / "trainer" / "checkpoint-2"
+    assert (ckpt / "commit_state.pt").is_file()
+    done, resumed = _launch(tmp_path, 2, "--stage", "2", "--resume", str(ckpt), out="resumed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(resumed["history"]) == STEPS - 2
+    for a, b in zip(resumed["history"], full["history"][2:]):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-12), key
+    assert resumed["weights"] == pytest.approx(full["weights"], rel=1e-7)
 
 
 def test_zero3_is_refused_at_start(deepspeed, tmp_path):
@@ -297,7 +320,7 @@ def test_zero2_on_gpu_equals_the_run_without_deepspeed(tmp_path):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         results[name] = json.loads(out.read_text())
-    _assert_same(results["zero2"], results["plain"], 1)
+    _assert_same(results["zero2"], results["plain"], 1, rel=1e-3)  # CUDA kernels' order
 
 
 def main() -> None:
@@ -308,9 +331,11 @@ def main() -> None:
     parser.add_argument("--ga", type=int, default=1)
     parser.add_argument("--launcher", default="torchrun", choices=["torchrun", "accelerate"])
     parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--resume", default=None)
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher's
     ns = parser.parse_args()
-    train(ns.out, ns.stage, ns.ga, ns.launcher, ns.cuda)
+    train(ns.out, ns.stage, ns.ga, ns.launcher, ns.cuda, ns.save_steps, ns.resume)
 
 
 if __name__ == "__main__":

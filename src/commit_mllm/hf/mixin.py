@@ -61,6 +61,9 @@ class CoMMITTrainerMixin:
         """Check the set-up (one-line errors), bind the callback, then ``Trainer.train``."""
         cb = self.commit_callback()
         cb.bind(self)
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if isinstance(resume, str):  # DeepSpeed resumes without _load_from_checkpoint
+            cb.resume_from = resume
         if getattr(self, "is_fsdp_enabled", False):
             raise TrainerSetupError(
                 "CoMMIT through the Trainer does not support FSDP: use DDP or DeepSpeed ZeRO-2 "
