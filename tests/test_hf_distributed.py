@@ -279,6 +279,7 @@ def test_zero3_is_refused_at_start(deepspeed, tmp_path):
 
     model = build("llava")
     before = [p.detach().clone() for p in model.parameters()]
+    environ = dict(os.environ)
     try:
         args = T.TrainingArguments(
             output_dir=str(tmp_path / "z3"),
@@ -297,8 +298,13 @@ def test_zero3_is_refused_at_start(deepspeed, tmp_path):
         with pytest.raises(DeepSpeedSetupError, match=r"ZeRO-3: .*stage 2") as err:
             trainer.train()
         assert "\n" not in str(err.value)
-    finally:
-        unset_hf_deepspeed_config()  # ZeRO-3 flags are process-global in transformers
+    finally:  # DeepSpeed settings are process-global: later Trainers must not see them
+        from accelerate.state import AcceleratorState
+
+        unset_hf_deepspeed_config()
+        os.environ.clear()
+        os.environ.update(environ)  # the plugin sets ACCELERATE_USE_DEEPSPEED=true
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
