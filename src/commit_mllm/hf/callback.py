@@ -186,11 +186,12 @@ class CoMMITCallback(TrainerCallback):
                 "commit_trainer_class(YourTrainer)); to pass your own optimizer, build it with "
                 "commit_mllm.hf.commit_optimizer(components, args, model=model)"
             )
-        if self.commit is None or self.model is not model:
-            acc = self.trainer.accelerator
-            engine = None
-            if deepspeed_config(acc) is not None:
-                engine = acc.deepspeed_engine_wrapped.engine
+        acc = self.trainer.accelerator
+        engine = None
+        if deepspeed_config(acc) is not None:  # a new engine (and optimizer) on every train()
+            engine = acc.deepspeed_engine_wrapped.engine
+        if self.commit is None or self.model is not model or engine is not None:
+            carry = self.commit.state_dict() if self.commit and self.model is model else None
             self.setup(
                 model,
                 optimizer,
@@ -199,6 +200,8 @@ class CoMMITCallback(TrainerCallback):
                 all_reduce=_all_reduce if acc.num_processes > 1 else None,
                 deepspeed_engine=engine,
             )
+            if carry is not None:  # train() again on the same model: keep the balance state
+                self.commit.load_state_dict(carry)
         path = self.resume_from
         if path is None and state.global_step > 0:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
