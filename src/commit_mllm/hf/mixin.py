@@ -105,6 +105,9 @@ class CoMMITTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         steps = getattr(self, "current_gradient_accumulation_steps", 1)
         loss, logits = cb.training_loss(model, inputs, steps)
+        # A strategy may move its factors inside the forward (held-out progress of the last
+        # step); the rates stay the Trainer's schedule times the factors.
+        cb.apply_lrs(self.lr_scheduler, self.optimizer)
         return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
