@@ -260,6 +260,17 @@ def test_own_commit_optimizer_is_accepted(tmp_path):
     assert cb.history[0]["lr/llm"] == 5e-4 and math.isfinite(cb.history[-1]["commit/kappa"])
 
 
+def test_fsdp_is_refused_before_the_first_step(tmp_path):
+    # transformers ignores fsdp= on a CPU-only run, so the Trainer's flag is set by hand.
+    model = build("llava")
+    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1))
+    tr = trainer_for(tmp_path, model, cb, steps=1)
+    tr.is_fsdp_enabled = True
+    with pytest.raises(TrainerSetupError, match=r"does not support FSDP: use DDP or DeepSpeed"):
+        tr.train()
+    assert tr.state.global_step == 0 and cb.commit is None
+
+
 @pytest.mark.parametrize(
     ("config", "commit", "match"),
     [
