@@ -253,13 +253,19 @@ class CoMMIT:
             lagging = self.components[min(z, key=z.get)].params
         self.regularizer.backward(ce, aux, lagging, scale, backward_fn)
 
-    def after_backward(self) -> dict[str, float]:
+    def after_backward(self, grad_norms: Mapping[str, float] | None = None) -> dict[str, float]:
         """Record per-component gradient norms, then apply CD gating / OGM-GE modulation.
+
+        Args:
+            grad_norms: Norms computed by the caller where gradients are not in ``p.grad``
+                (DeepSpeed ZeRO keeps them in partitioned buffers); default: from ``p.grad``.
 
         Returns:
             Component -> ||g_c||_2 before the strategy touched the gradients.
         """
-        self._grad_norms = component_grad_norms(self.components, self._norm_reduce)
+        if grad_norms is None:
+            grad_norms = component_grad_norms(self.components, self._norm_reduce)
+        self._grad_norms = dict(grad_norms)
         self._coeffs = self.strategy.apply(self.step, self.tracker.z_bar)
         return self._grad_norms
 
