@@ -196,6 +196,7 @@ class CoMMIT:
         self._last_estimate = -1
         self._progress: ProgressMeasurement | None = None
         self._measurement: BalanceMeasurement | None = None
+        self._step_lrs: dict[str, float] = {}
         self._grad_norms: dict[str, float] = {}
         self._coeffs: dict[str, float] = {}
         self._aux_weight = 0.0
@@ -222,7 +223,9 @@ class CoMMIT:
         self.tracker.update(m)
         since, self._last_estimate = step - self._last_estimate, step
         controller = self.scheduler.controller
-        controller.observe(pm, since, adjusting=step >= self.config.hold_steps)
+        controller.observe(
+            pm, since, adjusting=step >= self.config.hold_steps, rates=self._step_lrs
+        )
         self.scheduler.refresh()
         self._progress, self._measurement = pm, m
 
@@ -283,6 +286,7 @@ class CoMMIT:
                 the measurement is reported with that step.
         """
         lrs = self.scheduler.get_last_lr()
+        self._step_lrs = lrs
         if self.heldout:
             if self.meter._old is not None:
                 self._pending = self.step
