@@ -172,7 +172,8 @@ class CoMMIT:
                 cut_gain=cfg.progress_cut_gain,
                 horizon=cfg.progress_horizon,
                 confidence=cfg.progress_confidence,
-                max_factor=cfg.progress_max_factor,
+                max_cut=cfg.progress_max_cut,
+                max_raise=cfg.progress_max_raise,
                 factor_caps=cfg.factor_caps,
             )
         else:

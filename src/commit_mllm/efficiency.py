@@ -17,7 +17,8 @@ Rule, per estimate (K = steps since the previous estimate):
     log f_c += gamma_+ K g(z_c) if z_c > 0 else gamma_- K g(z_c)
     g(z) = sign(z) clip((|z| - z0) / 2, 0, 1)
 
-then each |log f_c| <= log m_c. Without an anchor (``anchor=None``) every component is
+then each log f_c is clipped to [-log m_-, log m_+] (a tighter per-component cap on both
+sides with ``factor_caps``). Without an anchor (``anchor=None``) every component is
 steered on its own towards e_c = 1, where the quadratic model says its step size is
 right: z_c = (e_c - 1) / se_c (a per-component hypergradient on log eta_c).
 
@@ -30,8 +31,8 @@ budget. The dead zone z0 (``confidence``) keeps the factors still while the evid
 within noise.
 
 Symbols -> variables: e_c -> :meth:`EfficiencyController.efficiency`; z_c ->
-``EfficiencyController.last_z``; gamma -> ``gamma``; h -> ``horizon``; z0 ->
-``confidence``; m_c -> ``max_factor`` / ``factor_caps``; gamma_+ / gamma_- -> ``gamma`` /
+``EfficiencyController.last_z``; h -> ``horizon``; z0 -> ``confidence``; m_- / m_+ ->
+``max_cut`` / ``max_raise`` (and ``factor_caps``); gamma_+ / gamma_- -> ``gamma`` /
 ``cut_gain``.
 """
 
@@ -62,7 +63,8 @@ class EfficiencyController:
         cut_gain: Gain of cuts: the most log f_c falls per step of training.
         horizon: Time constant h of the smoothing, in steps of training.
         confidence: Dead zone z0 of the z-score.
-        max_factor: m; every factor stays in [1/m, m].
+        max_cut: m_-; no factor goes below 1/m_-.
+        max_raise: m_+; no factor goes above m_+.
         factor_caps: Tighter cap per component.
         min_estimates: No adjustment before this many estimates.
     """
@@ -76,7 +78,8 @@ class EfficiencyController:
         cut_gain: float = 0.3,
         horizon: float = 50.0,
         confidence: float = 1.0,
-        max_factor: float = 30.0,
+        max_cut: float = 100.0,
+        max_raise: float = 100.0,
         factor_caps: Mapping[str, float] | None = None,
         min_estimates: int = 5,
     ):
@@ -87,7 +90,13 @@ class EfficiencyController:
         self.gamma, self.cut_gain = gamma, cut_gain
         self.horizon, self.confidence = horizon, confidence
         self.min_estimates = min_estimates
-        self.limits = {c: math.log(min(max_factor, caps.get(c, max_factor))) for c in names}
+        self.limits = {
+            c: (
+                -math.log(min(max_cut, caps.get(c, max_cut))),
+                math.log(min(max_raise, caps.get(c, max_raise))),
+            )
+            for c in names
+        }
         self.log_f = {c: 0.0 for c in self.names}
         self.moments = {c: dict.fromkeys(_MOMENTS, 0.0) for c in self.names}
         self.weight = 0.0  # sum of the EMA weights (1 - prod(1 - alpha))
@@ -145,8 +154,8 @@ class EfficiencyController:
         for c, z in self.last_z.items():
             g = math.copysign(min(max((abs(z) - self.confidence) / 2.0, 0.0), 1.0), z)
             gain = (self.gamma if g > 0 else self.cut_gain) * max(1, steps)
-            lim = self.limits[c]
-            self.log_f[c] = min(max(self.log_f[c] + gain * g, -lim), lim)
+            lo, hi = self.limits[c]
+            self.log_f[c] = min(max(self.log_f[c] + gain * g, lo), hi)
 
     def _stats(self, c: str) -> tuple[float, float]:
         """(e_c, se_c^2) from the bias-corrected EMA moments (delta method)."""

@@ -81,7 +81,8 @@ class CoMMITConfig:
         progress_cut_gain: For ``progress``: the most log f_c falls per step of training.
         progress_horizon: For ``progress``: smoothing time constant, in steps of training.
         progress_confidence: For ``progress``: dead zone of the efficiency z-score.
-        progress_max_factor: For ``progress``: factors stay in [1/m, m].
+        progress_max_cut: For ``progress``: no factor goes below 1 / this.
+        progress_max_raise: For ``progress``: no factor goes above this.
         progress_anchor: For ``progress``: the component whose rate is kept as set (None =
             ``llm_component``; ``"none"``: every component is steered on its own towards
             efficiency 1).
@@ -119,7 +120,8 @@ class CoMMITConfig:
     progress_cut_gain: float = 0.3
     progress_horizon: float = 50.0
     progress_confidence: float = 1.0
-    progress_max_factor: float = 100.0
+    progress_max_cut: float = 100.0
+    progress_max_raise: float = 100.0
     progress_anchor: str | None = None
 
     def __post_init__(self) -> None:
@@ -151,7 +153,8 @@ class CoMMITConfig:
             ("progress_cut_gain", self.progress_cut_gain >= 0, "a number >= 0"),
             ("progress_horizon", self.progress_horizon >= 1, "a number >= 1"),
             ("progress_confidence", self.progress_confidence >= 0, "a number >= 0"),
-            ("progress_max_factor", self.progress_max_factor >= 1, "a number >= 1"),
+            ("progress_max_cut", self.progress_max_cut >= 1, "a number >= 1"),
+            ("progress_max_raise", self.progress_max_raise >= 1, "a number >= 1"),
         ]
         for key, ok, allowed in checks:
             if not ok:
