@@ -197,7 +197,6 @@ class CoMMIT:
         self._last_estimate = -1
         self._progress: ProgressMeasurement | None = None
         self._measurement: BalanceMeasurement | None = None
-        self._step_lrs: dict[str, float] = {}
         self._grad_norms: dict[str, float] = {}
         self._coeffs: dict[str, float] = {}
         self._aux_weight = 0.0
@@ -224,9 +223,7 @@ class CoMMIT:
         self.tracker.update(m)
         since, self._last_estimate = step - self._last_estimate, step
         controller = self.scheduler.controller
-        controller.observe(
-            pm, since, adjusting=step >= self.config.hold_steps, rates=self._step_lrs
-        )
+        controller.observe(pm, since, adjusting=step >= self.config.hold_steps)
         self.scheduler.refresh()
         self._progress, self._measurement = pm, m
 
@@ -287,7 +284,6 @@ class CoMMIT:
                 the measurement is reported with that step.
         """
         lrs = self.scheduler.get_last_lr()
-        self._step_lrs = lrs
         if self.heldout:
             if self.meter._old is not None:
                 self._pending = self.step

@@ -116,34 +116,29 @@ class EfficiencyController:
     def replay_at(self, step: int) -> None:
         """No recorded trajectory: nothing to replay."""
 
-    def observe(
-        self,
-        m: ProgressMeasurement,
-        steps: int,
-        adjusting: bool = True,
-        rates: Mapping[str, float] | None = None,
-    ) -> None:
+    def observe(self, m: ProgressMeasurement, steps: int, adjusting: bool = True) -> None:
         """Feed one held-out measurement taken ``steps`` training steps after the last one.
+
+        Each estimate's -dL_c and D_c are divided by the estimate's total output change
+        sum_c D_c: step sizes span orders of magnitude over a run (Adam's first steps,
+        warmup, a cut, the decay), and without it the smoothed efficiency would be the
+        efficiency of the few largest steps.
 
         Args:
             m: The measurement.
             steps: Training steps since the previous measurement (K).
             adjusting: False while the factors must hold still (estimates still count).
-            rates: Component -> learning rate of the measured step. D_c grows with the
-                square of the rate, so each estimate's -dL_c and D_c are divided by it
-                squared: a rate cut (or the schedule's decay) does not leave the smoothed
-                efficiency dominated by the larger steps before it.
         """
         if m.tokens == 0 or (self.anchor is not None and self.anchor in m.flags):
             return
         alpha = 1.0 - math.exp(-max(1, steps) / self.horizon)
+        total = sum(m.D[c] for c in self.names if c not in m.flags)
+        if total <= 0:
+            return
         self.weight = alpha + (1 - alpha) * self.weight
         self.weight_sq = alpha * alpha + (1 - alpha) ** 2 * self.weight_sq
         for c in self.names:
-            x, y = (-m.dL[c], m.D[c]) if c not in m.flags else (0.0, 0.0)
-            rate = (rates or {}).get(c, 0.0)
-            if rate > 0:
-                x, y = x / rate**2, y / rate**2
+            x, y = (-m.dL[c] / total, m.D[c] / total) if c not in m.flags else (0.0, 0.0)
             new = {"x": x, "y": y, "xx": x * x, "yy": y * y, "xy": x * y}
             for k, v in new.items():
                 self.moments[c][k] += alpha * (v - self.moments[c][k])

@@ -121,7 +121,7 @@ class CoMMITConfig:
     progress_horizon: float = 50.0
     progress_confidence: float = 1.0
     progress_max_cut: float = 100.0
-    progress_max_raise: float = 100.0
+    progress_max_raise: float = 3.0
     progress_anchor: str | None = None
 
     def __post_init__(self) -> None:
