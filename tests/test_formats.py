@@ -129,6 +129,50 @@ def test_aokvqa_rows_mc_and_direct_answer(paper):
     assert da[0]["question_type"] == "direct_answer" and da[0]["meta"]["format"] == "aokvqa-da"
 
 
+def _published_aokvqa(paper, tmp_path) -> Path:
+    """The A-OKVQA README's layout: datasets/aokvqa/*.json beside datasets/coco/val2017/."""
+    datasets = tmp_path / "datasets"
+    (datasets / "aokvqa").mkdir(parents=True)
+    shutil.copy(paper["root"] / "aokvqa" / "aokvqa_v1p0_val.json", datasets / "aokvqa")
+    (datasets / "aokvqa" / "aokvqa_v1p0_test.json").write_text("[]")
+    shutil.copytree(paper["coco"], datasets / "coco")
+    return datasets
+
+
+@pytest.mark.parametrize("src", ["datasets", "datasets/aokvqa", "datasets/aokvqa/file"])
+def test_aokvqa_reads_the_published_datasets_layout(paper, tmp_path, src):
+    datasets = _published_aokvqa(paper, tmp_path)
+    path = {
+        "datasets": datasets,
+        "datasets/aokvqa": datasets / "aokvqa",
+        "datasets/aokvqa/file": datasets / "aokvqa" / "aokvqa_v1p0_val.json",
+    }[src]
+    rows = load_format("aokvqa", path, "val")  # no media_root: COCO is found beside it
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    assert rows[0]["image"] == str(datasets / "coco" / "val2017" / "000000000001.jpg")
+
+
+def test_aokvqa_coco_dir_option_and_images_in_one_folder(paper, tmp_path, capsys):
+    from commit_mllm.cli import main
+
+    datasets = _published_aokvqa(paper, tmp_path)
+    elsewhere = tmp_path / "mscoco"
+    shutil.move(datasets / "coco", elsewhere)
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(FormatError, match=r"COCO val2017 image \(pass --coco-dir\) folder not"):
+        load_format("aokvqa", datasets, "val")
+    args = ["convert", "--format", "aokvqa", str(datasets), str(out), "--split", "val"]
+    assert main([*args, "--coco-dir", str(elsewhere)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[1]["image"] == str(elsewhere / "val2017" / "000000000002.jpg")
+    # --coco-dir may also be the image folder itself.
+    assert main([*args, "--coco-dir", str(elsewhere / "val2017")]) == 0
+    assert main([*args, "--coco-dir", str(elsewhere), "--media-root", str(tmp_path)]) == 2
+    assert "give --coco-dir or --media-root, not both" in capsys.readouterr().err
+    with pytest.raises(FormatError, match=r"the test split has no answers"):
+        load_format("aokvqa", datasets, "test", media_root=elsewhere)
+
+
 def test_clothoaqa_rows(paper):
     rows = load_format("clothoaqa", paper["root"] / "clothoaqa", "test")
     assert [r["id"] for r in rows] == ["rain.wav#0", "rain.wav#1", "street.wav#0"]
@@ -196,6 +240,27 @@ def test_sdd_rows_from_mp3(paper):
 
     audio = load_audio(rows[0]["audio"])
     assert audio.dtype == np.float32 and 0.4 * 16_000 < len(audio) < 0.7 * 16_000
+
+
+def test_sdd_path_column_as_published_finds_the_2min_excerpts(paper):
+    # The CSV says MTG-Jamendo's 00/1000.mp3; the archive holds audio/00/1000.2min.mp3.
+    csv = (paper["root"] / "sdd" / "song_describer.csv").read_text()
+    assert ",00/1000.mp3," in csv
+    rows = load_format("sdd", paper["root"] / "sdd", "all")
+    assert [Path(r["audio"]).name for r in rows] == ["1000.2min.mp3", "2301.2min.mp3"]
+
+
+def test_sdd_audio_unzipped_into_audio_audio_and_exact_path_names(paper):
+    sdd = paper["root"] / "sdd"
+    shutil.move(sdd / "audio", sdd / "tmp")
+    (sdd / "audio").mkdir()
+    shutil.move(sdd / "tmp", sdd / "audio" / "audio")
+    rows = load_format("sdd", sdd, "all")
+    assert rows[0]["audio"].endswith("audio/audio/00/1000.2min.mp3")
+    # A CSV whose path column already names the excerpt is read as written.
+    csv = sdd / "song_describer.csv"
+    csv.write_text(csv.read_text().replace("00/1000.mp3", "00/1000.2min.mp3"))
+    assert load_format("sdd", sdd, "all")[0]["audio"].endswith("00/1000.2min.mp3")
 
 
 def test_sdd_without_path_column_uses_the_published_folders(paper):
@@ -373,7 +438,7 @@ def test_iconqa_layout_errors(paper, case):
 def _aokvqa_errors(root: Path, coco: Path):
     ann = root / "aokvqa" / "aokvqa_v1p0_val.json"
     return [
-        ("split", lambda: None, "test", r"A-OKVQA: unknown split 'test'"),
+        ("split", lambda: None, "dev", r"A-OKVQA: unknown split 'dev' \(use train, val\)"),
         ("missing", ann.unlink, "val", r"annotation file '.*aokvqa_v1p0_val.json' not found"),
         ("not list", lambda: ann.write_text("{}"), "val", r"must be a JSON list of questions"),
         (
@@ -398,7 +463,7 @@ def _aokvqa_errors(root: Path, coco: Path):
             "no image",
             (coco / "val2017" / "000000000002.jpg").unlink,
             "val",
-            r"000000000002.jpg' not found .*pass the COCO folder as media_root",
+            r"000000000002.jpg' not found .*pass the COCO folder as --coco-dir / media_root",
         ),
     ]
 
@@ -510,7 +575,8 @@ def _sdd_errors(root: Path):
             "no audio",
             (root / "sdd" / "audio" / "01" / "2301.2min.mp3").unlink,
             "all",
-            r"song_describer.csv track 2301: SongDescriber media file '.*2301.2min.mp3' not found",
+            r"song_describer.csv track 2301: SongDescriber media file not found \(looked at "
+            r"'.*01/2301.mp3', '.*01/2301.2min.mp3'; expected audio/<NN>/<track_id>.2min.mp3",
         ),
     ]
 
