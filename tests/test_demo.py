@@ -78,7 +78,12 @@ def test_demo_writes_its_table_and_fills_the_readme(tmp_path, capsys):
     for row in rows[2:]:
         shares = [int(m) for m in re.findall(r"(\d+)%", row[-2])]
         assert 99 <= sum(shares) <= 101  # rounded shares of every step
-    assert readme_table(readme, "easy-vqa") == text.strip()
+    image = "docs/images/demo_easy-vqa_kappa.png"
+    assert (
+        readme_table(readme, "easy-vqa")
+        == f"{text.strip()}\n\n![kappa_bar of the easy-vqa demo runs]({image})"
+    )
+    assert (tmp_path / image).read_bytes() == (table_file.parent / "compare_kappa.png").read_bytes()
     body = readme.read_text()
     assert body.startswith("intro\n") and body.endswith("end\n") and "old numbers" not in body
     # The fingerprint moves with the settings and the strategies.

@@ -206,7 +206,7 @@ def _processor(part: Any, chosen: str | None, kind: str, size: int, log: Callabl
     if not local or (Path(name) / "preprocessor_config.json").is_file():
         try:
             return _load_processor(name, kind)
-        except OSError:
+        except (OSError, ValueError):
             if local:
                 raise
             # A hub repo without a processor: built from its model config below.

@@ -266,15 +266,28 @@ def readme_table(readme: str | Path, task: str) -> str:
 
 
 def update_readme(readme: str | Path, task: str, table_file: str | Path) -> None:
-    """Replace this task's demo-table block in ``readme`` by the table file's content.
+    """Replace this task's demo-table block in ``readme`` by the demo's table and plot.
+
+    The block gets the table file's content and, when the demo drew it, its kappa_bar plot
+    (``compare_kappa.png``, copied to ``docs/images/demo_<task>_kappa.png`` beside the
+    README).
 
     Raises:
         ValueError: The markers are missing (add them where the table belongs).
     """
+    import shutil
+
     readme = Path(readme)
+    table_file = Path(table_file)
     readme_table(readme, task)  # the markers exist
     begin, end = _markers(task)
-    body = Path(table_file).read_text(encoding="utf-8").strip()
+    body = table_file.read_text(encoding="utf-8").strip()
+    plot = table_file.parent / "compare_kappa.png"
+    if plot.is_file():
+        image = Path("docs") / "images" / f"demo_{task}_kappa.png"
+        (readme.parent / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, readme.parent / image)
+        body += f"\n\n![kappa_bar of the {task} demo runs]({image.as_posix()})"
     text = readme.read_text(encoding="utf-8")
     pattern = re.escape(begin) + r"\n.*?" + re.escape(end)
     new = re.sub(pattern, lambda _: f"{begin}\n{body}\n{end}", text, count=1, flags=re.S)

@@ -281,6 +281,7 @@ def run_eval(
         ckpt = cfg.run.output_dir
     loaded = load_trainable(model, ckpt) if ckpt is not None else None
     log(f"weights: {loaded if loaded is not None else 'as built (no checkpoint)'}")
+    log(f"evaluating {len(samples)} samples ({source}) by greedy generation")
     use_cuda = torch.cuda.is_available() and not cfg.train.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
     model.to(device)
@@ -292,6 +293,7 @@ def run_eval(
         max_new_tokens=cfg.train.max_new_tokens,
         device=device,
         autocast=_autocast(cfg.train.mixed_precision, device),
+        progress=cfg.run.progress,
     )
     if fmt is not None:
         summary, items = score_details(fmt, preds, rows)
