@@ -14,6 +14,7 @@ import soundfile as sf
 from PIL import Image
 
 from commit_mllm.data import load_llava, write_wav
+from commit_mllm.evaluation import normalize_answer
 from commit_mllm.formats import FORMATS, FormatError, convert, format_modality, load_format
 from commit_mllm.formats.clothoaqa import majority
 
@@ -633,6 +634,9 @@ def test_run_convert_and_run_eval(paper, tmp_path, capsys):
 
     summary = run_eval(config, tmp_path / "run", out_dir=tmp_path / "eval")
     assert summary["n"] == 3 and 0.0 <= summary["accuracy"] <= 1.0
+    items = [json.loads(x) for x in (tmp_path / "eval" / "predictions_textvqa.jsonl").open()]
+    exact = [normalize_answer(i["prediction"]) == normalize_answer(i["answer"]) for i in items]
+    assert summary["exact_match"] == sum(exact) / 3
     lines = (tmp_path / "eval" / "predictions_textvqa.jsonl").read_text().splitlines()
     items = [json.loads(line) for line in lines]
     assert [i["id"] for i in items] == ["100", "101", "102"]
@@ -654,6 +658,20 @@ def test_run_convert_and_run_eval(paper, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_trainable(fresh, tmp_path / "eval")
     assert read_converted(converted)[0] == "textvqa"
+
+
+def test_run_eval_reads_a_dataset_folder_with_data_format(paper, tmp_path):
+    from commit_mllm.paper_eval import run_eval
+
+    converted = tmp_path / "tv.jsonl"
+    convert("textvqa", paper["root"] / "textvqa", converted, split="val")
+    config = _tiny_config(tmp_path, converted)
+    src = paper["root"] / "textvqa"
+    over = ["data.format=textvqa", f"data.train_file={src}", "data.eval_file=null"]
+    over += ["data.eval_split=val"]
+    summary = run_eval(config, overrides=over, out_dir=tmp_path / "e", log=lambda _: None)
+    assert summary["n"] == 3 and 0.0 <= summary["exact_match"] <= 1.0 and "accuracy" in summary
+    assert json.loads((tmp_path / "e" / "eval_textvqa.json").read_text())["metric"] == "textvqa"
 
 
 def test_read_converted_errors(tmp_path):

@@ -146,9 +146,11 @@ def run_demo(
     out = Path(output_dir) / task
     print(
         f"commit-mllm demo: {task}, strategies {', '.join(strategies)}.\n"
-        "Tiny pretrained parts (built once, ~1 min, then cached) + a fresh projector, "
-        "instruction-tuned once per strategy; kappa = D_llm / D_encoder is measured every "
-        "step in every run.\n"
+        "Tiny pretrained parts + a fresh projector, instruction-tuned once per strategy; "
+        "kappa = D_llm / D_encoder is measured every step in every run. The parts are built "
+        "on the first run (about a minute on 2 idle cores, several under load) and cached "
+        "in $COMMIT_MLLM_CACHE or ~/.cache/commit-mllm. Ctrl-C keeps a checkpoint every "
+        f"{demo_config(task, overrides).train.save_every} steps (then: --resume).\n"
     )
     start = time.perf_counter()
     summaries, runs = [], []
@@ -177,7 +179,7 @@ def run_demo(
     table = _table(summaries, runs)
     print("\n" + table)
     fingerprint = demo_fingerprint(task, strategies, overrides)
-    path = _write_table(out, task, table, summaries, fingerprint, seconds)
+    path = _write_table(out, task, table, summaries, fingerprint, cfg)
     print(
         f"\nreport: {report}\ntable:  {path}\nplots:  {out}/*.png and {out}/<strategy>/plots/*.png"
     )
@@ -227,20 +229,20 @@ def _say_interrupted(
 
 
 def _write_table(
-    out: Path, task: str, table: str, summaries: list[dict], fingerprint: str, seconds: float
+    out: Path, task: str, table: str, summaries: list[dict], fingerprint: str, cfg: RunConfig
 ) -> Path:
     """Write the demo's table file: a provenance comment, the table and how it was run."""
-    cfg = demo_config(task)
-    steps = ", ".join(f"{s['strategy']} {s.get('steps')}" for s in summaries)
-    n_eval = cfg.data.max_eval_samples
+    runs = ", ".join(
+        f"{s['strategy']} {s.get('steps')} steps in {s.get('seconds', 0):.0f} s" for s in summaries
+    )
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     lines = [
         f"<!-- written by `commit-mllm demo --task {task}` (settings {fingerprint}); "
         "do not edit: rerun the demo with --update-readme -->",
         table,
         "",
-        f"Seed {cfg.run.seed}, {n_eval} held-out questions, steps per strategy: {steps}; "
-        f"{os.cpu_count()} CPU cores, {seconds:.0f} s in all "
-        f"(`{out / 'compare.md'}`).",
+        f"Seed {cfg.run.seed}, {cfg.data.max_eval_samples} held-out questions; {runs} "
+        f"(training loops on {os.cpu_count()} CPU cores{load} at the end).",
     ]
     path = out / TABLE_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -322,6 +322,8 @@ def _eval_set(
 
     d = cfg.data
     path = eval_file or d.eval_file
+    if path is None and d.format is not None:  # the dataset's folder, its eval split
+        path = d.train_file
     if path is None and d.task is not None:
         from .tasks import load_task
 
