@@ -338,3 +338,14 @@ def test_trainer_records_loss_as_the_ce(tmp_path):
     assert all(r["total_loss"] == pytest.approx(r["ce"] + r["aux_loss"]) for r in recs)
     assert any(r["aux_loss"] != 0 for r in recs)  # the regularizer was on
     assert summary["state_shares"] and abs(sum(summary["state_shares"].values()) - 1) < 1e-9
+
+
+def test_describe_states_never_hides_a_state_seen():
+    from commit_mllm.diagnostics import describe_states, state_shares
+
+    shares = state_shares(["balanced"] * 999 + ["biased-to-encoder"])
+    assert (
+        describe_states(shares, "balanced")
+        == "balanced 100%, biased-to-encoder <1%; final balanced"
+    )
+    assert describe_states({}) == "no states"

@@ -81,6 +81,9 @@ def demo_settings(task: str) -> dict[str, Any]:
             # A checkpoint every 200 steps: Ctrl-C loses at most 200 steps (demo --resume).
             "save_every": 200,
             "keep_last": 1,
+            # One thread: as fast as more for these tiny parts, never slow on a busy CPU,
+            # and the same numbers on every machine (the README's table is reproducible).
+            "num_threads": 1,
         },
         "commit": {
             "strategy": "commit",

@@ -293,5 +293,11 @@ def state_shares(states: Sequence[str]) -> dict[str, float]:
 
 def describe_states(shares: Mapping[str, float], final: str | None = None) -> str:
     """``"biased-to-llm 78%, balanced 22%; final balanced"``: shares, then the final state."""
-    text = ", ".join(f"{st} {100 * share:.0f}%" for st, share in shares.items()) or "no states"
+    text = ", ".join(f"{st} {_percent(share)}" for st, share in shares.items()) or "no states"
     return f"{text}; final {final}" if final else text
+
+
+def _percent(share: float) -> str:
+    """``78%``; a state seen at all never reads ``0%`` (``<1%``)."""
+    return "<1%" if 0 < share < 0.005 else f"{100 * share:.0f}%"
+
