@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from commit_mllm.cli import main
-from commit_mllm.config import ConfigError, config_notes, load_config, load_yaml
+from commit_mllm.config import (
+    ConfigError,
+    check_local_files,
+    config_notes,
+    load_config,
+    load_yaml,
+)
 from commit_mllm.config import resolve_num_threads as threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,12 +192,15 @@ def test_validate_config_checks_local_folders_and_model_processor(tmp_path, caps
         ),
     ]
     for extra, message in cases:
+        cfg = load_config(TINY, [*base, *extra])  # loading a config reads no folders
         with pytest.raises(ConfigError, match=message):
-            load_config(TINY, [*base, *extra])
+            check_local_files(cfg)
         assert main(["validate-config", TINY, *base, *extra]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "model." in err
     # A hub id is not checked offline; a folder with a processor config is fine.
-    assert load_config(TINY, [*base, "model.processor=openai/clip-vit-base-patch32"])
+    check_local_files(load_config(TINY, [*base, "model.processor=openai/clip-vit-base-patch32"]))
     with_proc = _local_model(tmp_path / "b", with_processor=True)
-    assert not config_notes(load_config(TINY, [*base, f"model.processor={with_proc}"]))
+    cfg = load_config(TINY, [*base, f"model.processor={with_proc}"])
+    check_local_files(cfg)
+    assert not config_notes(cfg)

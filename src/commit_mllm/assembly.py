@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .components import Components
-from .config import RunConfig
+from .config import RunConfig, check_local_files
 from .data import Collator, load_llava, train_tiny_tokenizer
 from .models import MultimodalLM, component_prefixes
 from .models.mllm import AudioEncoderConfig, LLMConfig, MLLMConfig, VisionEncoderConfig
@@ -361,6 +361,7 @@ def assemble(
         with_data: Read the training and evaluation sets (False: empty, for evaluating a
             file of one's own).
     """
+    check_local_files(cfg)  # a missing local folder: one line naming the key, before loading
     modality = _modality(cfg)
     mcfg, tokenizer, processors = _preset(cfg, modality)
     image_processor, feature_extractor = _processors(

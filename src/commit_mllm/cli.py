@@ -200,7 +200,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .config import ConfigError, config_notes, load_config
+    from .config import ConfigError, check_local_files, config_notes, load_config
 
     # key=value like every other command; a file whose name has '=' stays a file.
     is_override = [("=" in a and not Path(a).is_file()) for a in args.configs]
@@ -210,6 +210,10 @@ def _validate(args: argparse.Namespace) -> int:
         raise ConfigError("validate-config: give at least one config file before key=value")
     for path in paths:
         cfg = load_config(path, overrides)
+        try:
+            check_local_files(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         print(
             f"{path}: ok (strategy {cfg.commit.strategy}, preset {cfg.model.preset}, "
             f"task {cfg.data.task or cfg.data.train_file}, {cfg.train.steps} steps)"

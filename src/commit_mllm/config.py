@@ -48,6 +48,7 @@ __all__ = [
     "RunSection",
     "TrainSection",
     "apply_overrides",
+    "check_local_files",
     "config_notes",
     "from_dict",
     "load_config",
@@ -288,8 +289,6 @@ class RunConfig:
             self.model.mllm.vision is None and self.model.mllm.audio is None
         ):
             raise ConfigError("model.mllm needs a vision or an audio encoder (or set model.preset)")
-        if self.model.preset == "none":
-            _check_local_folders(self.model)
 
 
 def _looks_local(name: str) -> bool:
@@ -297,14 +296,21 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(name)
 
 
-def _check_local_folders(model: ModelConfig) -> None:
-    """Local model parts exist and hold what loading them needs (checked offline).
+def check_local_files(cfg: RunConfig) -> None:
+    """Local model parts exist and hold what loading them needs (offline, no weights read).
+
+    ``validate-config`` and the start of every run call it, so a missing folder or a
+    processor folder without a processor fails at once, in one line naming the key. (Loading
+    a config does not touch the file system: a config may name folders made later.)
 
     Raises:
         ConfigError: A local folder is missing, an encoder / LLM folder has no
             ``config.json``, or ``model.processor`` names a folder without
             ``preprocessor_config.json``; the message names the key.
     """
+    if cfg.model.preset != "none":
+        return  # the presets build or cache their own parts
+    model = cfg.model
     parts = {p: getattr(model.mllm, p) for p in ("vision", "audio", "llm")}
     for part, conf in parts.items():
         name = getattr(conf, "name_or_path", None)

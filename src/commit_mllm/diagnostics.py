@@ -300,4 +300,3 @@ def describe_states(shares: Mapping[str, float], final: str | None = None) -> st
 def _percent(share: float) -> str:
     """``78%``; a state seen at all never reads ``0%`` (``<1%``)."""
     return "<1%" if 0 < share < 0.005 else f"{100 * share:.0f}%"
-
