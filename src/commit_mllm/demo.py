@@ -238,14 +238,13 @@ def _write_table(
     runs = ", ".join(
         f"{s['strategy']} {s.get('steps')} steps in {s.get('seconds', 0):.0f} s" for s in summaries
     )
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     lines = [
         f"<!-- written by `commit-mllm demo --task {task}` (settings {fingerprint}); "
         "do not edit: rerun the demo with --update-readme -->",
         table,
         "",
         f"Seed {cfg.run.seed}, {cfg.data.max_eval_samples} held-out questions; {runs} "
-        f"(training loops on {os.cpu_count()} CPU cores{load} at the end).",
+        f"(training loops, {os.cpu_count()} CPU cores; the time depends on the machine's load).",
     ]
     path = out / TABLE_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
