@@ -61,7 +61,7 @@ class Parts:
 
 def pretrained_parts(cache_dir: str | None, n_train: int, n_test: int, seed: int) -> Parts:
     """Tiny pretrained parts from the cache; stops when the two tokenizers differ."""
-    from commit_mllm.pretrain import load_media_processor, prepare_tiny_parts, tiny_mllm_config
+    from commit_mllm.parts import load_media_processor, prepare_tiny_parts, tiny_mllm_config
 
     vis = prepare_tiny_parts("easy-vqa", cache_dir, log=None)
     aud = prepare_tiny_parts("tones-aqa", cache_dir, log=None)

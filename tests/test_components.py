@@ -121,3 +121,16 @@ def test_grad_norms_sum_squares_over_ranks():
     assert seen == [torch.float64]
     assert norms["llm"] == pytest.approx((2 * comps["llm"].numel) ** 0.5)
     assert norms["encoder"] == pytest.approx((2 * comps["encoder"].numel) ** 0.5)
+
+
+def test_run_config_weight_decay_zero_is_zero_not_adamw_default(tmp_path):
+    from pathlib import Path
+
+    from commit_mllm.config import load_config
+    from commit_mllm.trainer import setup
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    cfg = load_config(tiny, [f"run.output_dir={tmp_path}", "run.progress=false"])
+    assert cfg.train.weight_decay == 0.0
+    s = setup(cfg, log=lambda _: None)
+    assert [g["weight_decay"] for g in s.optimizer.param_groups] == [0.0, 0.0]

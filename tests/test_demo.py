@@ -103,18 +103,21 @@ def test_update_readme_needs_the_markers(tmp_path):
 def test_ctrl_c_in_the_demo_keeps_a_checkpoint_and_says_how_to_resume(
     tmp_path, capsys, monkeypatch
 ):
+    import os
+    import signal
+
     import commit_mllm.trainer as trainer
 
     def interrupt_at(name):
-        if name == "step:4":  # after checkpoint 4 of the first strategy
-            raise KeyboardInterrupt
+        if name == "step:4":  # Ctrl-C during the fifth step of the first strategy
+            os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(trainer, "fault_point", interrupt_at)
     out = tmp_path / "d"
     over = [*TINY, "train.steps=6", "train.save_every=2"]
     assert main(["demo", "--output-dir", str(out), *over]) == 130
     err = capsys.readouterr().err
-    ckpt = out / "easy-vqa" / "constant" / "checkpoints" / "step-00000004"
+    ckpt = out / "easy-vqa" / "constant" / "checkpoints" / "step-00000005"
     assert f"interrupted during 'constant' ({out / 'easy-vqa' / 'constant'})" in err
     assert f"its newest checkpoint is {ckpt}" in err
     assert "Continue with: commit-mllm demo --task easy-vqa" in err and "--resume" in err
@@ -123,12 +126,12 @@ def test_ctrl_c_in_the_demo_keeps_a_checkpoint_and_says_how_to_resume(
     monkeypatch.setattr(trainer, "fault_point", lambda name: None)
     assert main(["demo", "--output-dir", str(out), *over, "--resume"]) == 0
     printed = capsys.readouterr().out
-    assert "resume: from" in printed and "step-00000004" in printed
+    assert "resume: from" in printed and "step-00000005" in printed
     steps = [
         int(line.split('"step": ')[1].split(",")[0])
         for line in (out / "easy-vqa" / "constant" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert steps == list(range(6))  # steps 0-3 kept, 4-5 trained after the resume
+    assert steps == list(range(6))  # steps 0-4 kept, 5 trained after the resume
     # A second --resume keeps both finished runs.
     assert main(["demo", "--output-dir", str(out), *over, "--resume"]) == 0
     assert printed.count("finished earlier") == 0

@@ -626,7 +626,10 @@ def _word_level_tokenizer():
 def test_commit_optimizer_named_groups(tmp_path):
     model = build("llava")
     comps = build_components(model, "own", lrs={"encoder": 1e-4, "projector": 1e-3, "llm": 2e-4})
-    opt = commit_optimizer(comps, args(tmp_path))
-    assert [g["name"] for g in opt.param_groups] == ["encoder", "projector", "llm"]
-    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3, 2e-4]
+    opt = commit_optimizer(comps, args(tmp_path), model=model)
+    # Per component: the decay group, then biases and norm weights without decay.
+    names = ["encoder", "encoder", "projector", "projector", "llm", "llm"]
+    assert [g["name"] for g in opt.param_groups] == names
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-4, 1e-3, 1e-3, 2e-4, 2e-4]
+    assert [g["base_lr"] for g in opt.param_groups] == [g["lr"] for g in opt.param_groups]
     assert isinstance(opt, torch.optim.AdamW)

@@ -164,8 +164,14 @@ def test_model_processor_pointing_at_a_folder_without_one_fails_in_one_line(tmp_
     ],
 )
 def test_processor_built_from_each_family_config(config, cls, size):
-    proc, what = _processor_from_config("image", config, 64)
+    proc, what = _processor_from_config("image", config, None)
     assert type(proc).__name__.startswith(cls) and f"{size} px" in what
     image = Image.new("RGB", (size * 2, size), "red")
     pixels = proc(images=[image], return_tensors="pt")["pixel_values"]
     assert tuple(pixels.shape) == (1, 3, size, size)
+
+
+def test_model_image_size_overrides_the_built_processor():
+    proc, what = _processor_from_config("image", {"model_type": "vit", "image_size": 96}, 112)
+    assert "112 px" in what and proc.size == {"height": 112, "width": 112}
+    assert "64 px" in _processor_from_config("image", {"model_type": "vit"}, None)[1]

@@ -428,3 +428,91 @@ def test_encoders_from_local_folders(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     ref = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(model.vision_encoder(pixels), ref, rtol=0, atol=1e-6)
+
+
+DINOV2 = {
+    "model_type": "dinov2",
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "image_size": 56,
+    "layerscale_value": 1.0,
+}
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_vision_encoder_features(registers):
+    from commit_mllm.models import VisionEncoder
+
+    model_type = "dinov2_with_registers" if registers else "dinov2"
+    cfg = {**DINOV2, "model_type": model_type}
+    if registers:
+        cfg["num_register_tokens"] = registers
+    torch.manual_seed(0)
+    enc = VisionEncoder(config=cfg, feature_layer=-2, drop_cls=True)
+    assert len(enc.hf_model.encoder.layer) == 2  # the last layer is pruned
+    px = torch.randn(2, 3, 28, 28)  # any multiple of 14: 2x2 patches
+    feats = enc(px)
+    assert feats.shape == (2, 4, 32)  # CLS (and registers) dropped, patches only
+    with torch.no_grad():
+        ref = enc.hf_model(pixel_values=px, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(feats, ref[:, 1 + registers :])
+    # The final layernorm feeds only last_hidden_state and mask_token only masked modelling:
+    # neither reaches the features, so neither trains.
+    frozen = {n for n, p in enc.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        "model.embeddings.mask_token",
+        "model.layernorm.weight",
+        "model.layernorm.bias",
+    }
+    feats.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+    keep = VisionEncoder(config=cfg, feature_layer=-2, drop_cls=False)
+    assert keep(px).shape == (2, 5 + registers, 32)
+
+
+def test_dinov2_mllm_with_patch_merge_trains():
+    cfg = MLLMConfig(
+        llm=LLMConfig(config=LLAMA, vocab_size=VOCAB + 2),
+        vision=VisionEncoderConfig(config=DINOV2, feature_layer=-1, freeze=True),
+        vision_projector=ProjectorConfig(type="mlp", patch_merge=2),
+        image_token_id=IMG,
+    )
+    torch.manual_seed(0)
+    model = MultimodalLM(cfg)
+    batch = {
+        "input_ids": torch.tensor([[2, IMG, 5, 6, 7], [2, IMG, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([[-100, -100, -100, 6, 7], [-100, -100, -100, 9, -100]]),
+        "pixel_values": torch.randn(2, 3, 56, 56),  # 4x4 patches -> 2x2 = 4 tokens
+    }
+    assert model.encode(batch)["vision"].shape == (2, 4, 32)
+    loss = model(**batch).loss
+    loss.backward()
+    assert model.vision_projector.fc1.weight.grad is not None
+    assert all(p.grad is None for p in model.vision_encoder.parameters())
+
+
+@pytest.mark.parametrize("pool", ["concat", "avg"])
+def test_patch_merge_groups_neighbouring_patches(pool):
+    proj = MLPProjector(3, 5, patch_merge=2, pool=pool)
+    x = torch.randn(2, 16, 3)  # a 4x4 grid, row-major
+    merged = proj._merge_patches(x, None)
+    grid = x.view(2, 4, 4, 3)
+    block = grid[:, 2:4, 0:2].reshape(2, 4, 3)  # bottom-left 2x2 block = output token 2
+    if pool == "concat":
+        assert merged.shape == (2, 4, 12)
+        assert torch.equal(merged[:, 2], block.reshape(2, 12))
+    else:
+        assert merged.shape == (2, 4, 3)
+        assert torch.allclose(merged[:, 2], block.mean(1))
+    out, lengths = proj(x)
+    assert out.shape == (2, 4, 5) and lengths is None
+    with pytest.raises(ValueError, match="square patch grid"):
+        proj(torch.randn(2, 15, 3))
+    with pytest.raises(ValueError, match="square patch grid"):
+        proj(torch.randn(2, 9, 3))  # 3x3: 2 does not divide 3
+    with pytest.raises(ValueError, match="not combined with stride"):
+        MLPProjector(3, 5, stride=2, patch_merge=2)

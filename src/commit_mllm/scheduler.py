@@ -250,6 +250,10 @@ class CoordinatedLR:
         """Feed the estimate of the current step to the controller; returns the factors."""
         return self.controller.update(z, z_bar, estimates, self.adjusting)
 
+    def refresh(self) -> None:
+        """Re-apply the current step's rates (after the controller changed its factors)."""
+        self._apply()
+
     def step(self) -> None:
         """Advance to the next step and apply its rates."""
         self.t += 1

@@ -30,7 +30,16 @@ from .components import Components
 
 __all__ = ["STRATEGIES", "CoMMITConfig", "Strategy"]
 
-STRATEGIES = ("commit", "commit_clr", "constant", "feature_cd", "language_cd", "ogm_ge", "replay")
+STRATEGIES = (
+    "commit",
+    "commit_clr",
+    "progress",
+    "constant",
+    "feature_cd",
+    "language_cd",
+    "ogm_ge",
+    "replay",
+)
 _CONTROLLED = ("commit", "commit_clr")
 
 
@@ -68,6 +77,14 @@ class CoMMITConfig:
         ogm_noise: Add Gaussian noise (std of the gradient) to modulated gradients.
         replay: For ``replay``: step -> {component: factor}.
         seed: Seed of the strategy's own random generator (OGM-GE noise).
+        progress_gain: For ``progress``: the most log f_c grows per step of training.
+        progress_cut_gain: For ``progress``: the most log f_c falls per step of training.
+        progress_horizon: For ``progress``: smoothing time constant, in steps of training.
+        progress_confidence: For ``progress``: dead zone of the efficiency z-score.
+        progress_max_factor: For ``progress``: factors stay in [1/m, m].
+        progress_anchor: For ``progress``: the component whose rate is kept as set (None =
+            ``llm_component``; ``"none"``: every component is steered on its own towards
+            efficiency 1).
     """
 
     strategy: str = "commit"
@@ -98,6 +115,12 @@ class CoMMITConfig:
     ogm_noise: bool = True
     replay: dict[int, dict[str, float]] | None = None
     seed: int = 0
+    progress_gain: float = 0.05
+    progress_cut_gain: float = 0.3
+    progress_horizon: float = 50.0
+    progress_confidence: float = 1.0
+    progress_max_factor: float = 100.0
+    progress_anchor: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +147,11 @@ class CoMMITConfig:
                 "an integer in [1, cd_named_steps]",
             ),
             ("ogm_rho", self.ogm_rho >= 0, "a number >= 0"),
+            ("progress_gain", self.progress_gain >= 0, "a number >= 0"),
+            ("progress_cut_gain", self.progress_cut_gain >= 0, "a number >= 0"),
+            ("progress_horizon", self.progress_horizon >= 1, "a number >= 1"),
+            ("progress_confidence", self.progress_confidence >= 0, "a number >= 0"),
+            ("progress_max_factor", self.progress_max_factor >= 1, "a number >= 1"),
         ]
         for key, ok, allowed in checks:
             if not ok:

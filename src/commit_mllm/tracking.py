@@ -1,7 +1,11 @@
-"""Run logs: metrics.jsonl / eval.jsonl (one JSON object per line), TensorBoard, W&B.
+"""Run logs: metrics.jsonl, eval.jsonl, predictions/, skipped_samples.jsonl, TensorBoard, W&B.
 
-Only the main process writes. On resume, records at or after the resumed step are dropped
-first, so the logs of a resumed run equal those of an uninterrupted one.
+Only the main process writes. The resume invariant (docs/reliability.md): checkpoint S is
+published only after every record up to S is written and synced, where "up to S" means the
+step records of steps 0 .. S-1 (``step`` < S) and the evaluations after 1 .. S steps
+(``step`` <= S, with their predictions). Resuming from S first rewinds the folder to exactly
+that (:func:`rewind`): later records are dropped and redone, so the files of a resumed run
+equal those of an uninterrupted one, whatever the kill, with no step twice and none missing.
 """
 
 from __future__ import annotations
@@ -9,11 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFormatError", "RunLogger", "read_jsonl"]
+__all__ = [
+    "RunFormatError",
+    "RunLogger",
+    "clear",
+    "read_jsonl",
+    "rewind",
+    "start_over",
+    "write_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +76,180 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+# The files a run writes besides its checkpoints; a new run in the same folder replaces them.
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "skipped_samples.jsonl", "summary.json")
+RUN_DIRS = ("predictions", "tb", "plots")
+_TB_STAGE = ".tb-rewind"  # beside tb/, which TensorBoard would show as a run of its own
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temp file beside it, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _keep_jsonl(path: Path, keep: Any) -> None:
+    if path.exists():
+        records = [r for r in read_jsonl(path) if keep(r)]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _prediction_step(path: Path) -> int | None:
+    stem = path.name.removesuffix(".jsonl")
+    if path.suffix != ".jsonl" or not stem.startswith("step-") or not stem[5:].isdigit():
+        return None
+    return int(stem[5:])
+
+
+def rewind(run_dir: str | Path, step: int, micro_batches: int | None = None) -> None:
+    """Make a run folder's records what they were when checkpoint ``step`` was published.
+
+    Keeps step records with ``step`` < S, evaluations (and their predictions files) with
+    ``step`` <= S, TensorBoard scalars on the same rule (``eval/*`` tags <= S, the rest < S),
+    and skipped-sample records of the first ``micro_batches`` micro-batches; removes
+    ``summary.json`` (a resumed run writes it again) and files a killed write left behind.
+    Every file is rewritten atomically, so a kill during the rewind is undone by the next.
+
+    Args:
+        run_dir: The run folder.
+        step: The checkpoint's step S (optimizer steps done).
+        micro_batches: Micro-batches consumed by S steps (``S * grad_accum``); None keeps
+            every skipped-sample record.
+    """
+    run_dir = Path(run_dir)
+    _keep_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step", 0) < step)
+    _keep_jsonl(run_dir / "eval.jsonl", lambda r: r.get("step", 0) <= step)
+    if micro_batches is not None:
+        keep = lambda r: r.get("micro_batch", 0) < micro_batches  # noqa: E731
+        _keep_jsonl(run_dir / "skipped_samples.jsonl", keep)
+    preds = run_dir / "predictions"
+    if preds.is_dir():
+        for path in preds.iterdir():
+            n = _prediction_step(path)
+            if n is None or n > step:
+                path.unlink()
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    _rewind_tensorboard(run_dir, step)
+
+
+def start_over(run_dir: Path, warn: Callable[..., None]) -> None:
+    """A new run in ``run_dir``: remove an earlier run's checkpoints (and say what it had).
+
+    Its records go when the run's :class:`RunLogger` starts (:func:`clear`). Leaving the
+    checkpoints would let a later ``--resume`` pick the earlier run's newer ones.
+    """
+    found = [n for n in RUN_FILES if (run_dir / n).exists()]
+    found += [f"{n}/" for n in ("checkpoints", *RUN_DIRS) if (run_dir / n).exists()]
+    if found:
+        warn(
+            "%s: replacing the files of an earlier run (%s) because this run has no "
+            "--resume; use --resume to continue that run instead",
+            run_dir,
+            ", ".join(found),
+        )
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def clear(run_dir: str | Path) -> list[str]:
+    """Remove the records of an earlier run from a run folder (a new run starts).
+
+    Returns:
+        The names removed (files and folders of :data:`RUN_FILES` / :data:`RUN_DIRS`).
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            (run_dir / name).unlink()
+            removed.append(name)
+    for name in (*RUN_DIRS, _TB_STAGE):
+        if (run_dir / name).exists():
+            shutil.rmtree(run_dir / name)
+            removed.append(f"{name}/")
+    return [n for n in removed if n != f"{_TB_STAGE}/"]
+
+
+def _event_files(folder: Path) -> list[Path]:
+    """TensorBoard event files of a folder, oldest first (the name holds the creation time)."""
+
+    def created(p: Path) -> tuple:
+        parts = p.name.split(".")
+        return (int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0, p.name)
+
+    return sorted(folder.glob("events.out.tfevents.*"), key=created) if folder.is_dir() else []
+
+
+def _rewind_tensorboard(run_dir: Path, step: int) -> None:
+    """Rewrite ``run_dir/tb`` as one event file holding the scalars up to checkpoint ``step``.
+
+    TensorBoard's own ``purge_step`` hides later events from its reader only (the files keep
+    them, and it cannot keep ``eval/*`` at S while dropping train scalars at S), so the
+    events are filtered and written again: staged beside ``tb/``, then the old files are
+    removed and the new one moved in. Each (tag, step) is kept once, so re-reading a
+    stage left by a kill together with old files gives the same result.
+    """
+    tb, stage = run_dir / "tb", run_dir / _TB_STAGE
+    sources = [*_event_files(stage), *_event_files(tb)]
+    if not sources:
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    kept: dict[tuple[str, int], Any] = {}
+    for path in sources:
+        for raw in RawEventFileLoader(str(path)).Load():  # stops at a record cut by a kill
+            event = event_pb2.Event.FromString(raw)
+            if not event.HasField("summary"):
+                continue
+            for value in event.summary.value:
+                limit = step if value.tag.startswith("eval/") else step - 1
+                if event.step <= limit:
+                    one = event_pb2.Event(wall_time=event.wall_time, step=event.step)
+                    one.summary.CopyFrom(summary_pb2.Summary(value=[value]))
+                    kept.setdefault((value.tag, event.step), one)
+    fresh = stage / "new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    writer = EventFileWriter(str(fresh))
+    for event in sorted(kept.values(), key=lambda e: (e.wall_time, e.step)):
+        writer.add_event(event)
+    writer.close()
+    for path in _event_files(fresh):
+        _fsync_file(path)
+    for path in [*_event_files(tb), *_event_files(stage)]:
+        path.unlink()
+    tb.mkdir(exist_ok=True)
+    for path in _event_files(fresh):
+        os.replace(path, tb / path.name)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 class RunLogger:
-    """Writes step metrics and evaluations of a run.
+    """Writes the step records, evaluations, predictions and skipped samples of a run.
 
     Args:
         run_dir: The run folder.
         enabled: False on non-main processes (nothing is written).
         tensorboard: Also write TensorBoard scalars under ``run_dir/tb``.
-        wandb: Also log to W&B (needs ``wandb`` installed).
-        resume_step: Drop existing records with ``step >= resume_step`` (None = new run:
-            existing logs are replaced).
+        wandb: Also log to W&B (needs ``wandb`` installed; its history is not rewound on
+            resume).
+        resume_step: Resuming from the checkpoint of this step: the folder is first rewound
+            to it (:func:`rewind`). None = a new run: the records of an earlier run in the
+            folder are removed (:func:`clear`).
         config: Run config to pass to W&B.
+        micro_batches: Micro-batches consumed by ``resume_step`` steps (for
+            ``skipped_samples.jsonl``); None keeps every skipped-sample record.
     """
 
     def __init__(
@@ -83,35 +260,29 @@ class RunLogger:
         wandb: bool = False,
         resume_step: int | None = None,
         config: Mapping | None = None,
+        micro_batches: int | None = None,
     ):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            self._truncate(self.run_dir / name, resume_step)
+        if resume_step is None:
+            clear(self.run_dir)
+        else:
+            rewind(self.run_dir, resume_step, micro_batches)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
         if wandb:
             try:
                 import wandb as wb
-            except ImportError as e:
-                raise RuntimeError("run.wandb: true needs `pip install wandb`") from e
+            except ImportError:
+                raise ValueError(
+                    "run.wandb: true needs `pip install wandb` (or set run.wandb=false)"
+                ) from None
             self.wandb = wb.init(dir=str(self.run_dir), config=dict(config or {}), resume="allow")
-
-    @staticmethod
-    def _truncate(path: Path, resume_step: int | None) -> None:
-        if not path.exists():
-            return
-        keep = []
-        if resume_step is not None:
-            keep = [r for r in read_jsonl(path) if r.get("step", 0) < resume_step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(path)
 
     def _write(self, name: str, record: Mapping[str, Any]) -> None:
         with open(self.run_dir / name, "a") as f:
@@ -124,12 +295,35 @@ class RunLogger:
         self._write("metrics.jsonl", record)
         self._scalars("train", record)
 
-    def log_eval(self, record: Mapping[str, Any]) -> None:
-        """Append one evaluation record."""
+    def log_eval(self, record: Mapping[str, Any], predictions: Iterable[dict] = ()) -> None:
+        """Write an evaluation's predictions (``predictions/step-N.jsonl``), then its record."""
         if not self.enabled:
             return
+        step = int(record.get("step", 0))
+        preds = self.run_dir / "predictions"
+        preds.mkdir(exist_ok=True)
+        text = "".join(json.dumps(p) + "\n" for p in predictions)
+        write_atomic(preds / f"step-{step:08d}.jsonl", text)
         self._write("eval.jsonl", record)
         self._scalars("eval", record)
+
+    def log_skipped(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append records of training samples dropped by ``data.on_bad_sample: skip``."""
+        if self.enabled:
+            with open(self.run_dir / "skipped_samples.jsonl", "a") as f:
+                f.writelines(json.dumps(dict(r)) + "\n" for r in records)
+
+    def sync(self) -> None:
+        """Flush TensorBoard and fsync the JSONL files (before a checkpoint is published)."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            self.tb.flush()
+            for path in _event_files(self.run_dir / "tb"):
+                _fsync_file(path)
+        for name in ("metrics.jsonl", "eval.jsonl", "skipped_samples.jsonl"):
+            if (self.run_dir / name).exists():
+                _fsync_file(self.run_dir / name)
 
     def _scalars(self, prefix: str, record: Mapping[str, Any]) -> None:
         step = record.get("step", 0)

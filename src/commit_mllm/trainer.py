@@ -1,8 +1,9 @@
 """The training loop: one readable function on accelerate.
 
 Per optimizer step: forward -> loss -> backward (per micro-batch) -> clip -> step -> kappa ->
-LRs -> log, then evaluation and checkpoints when due. Everything else (building the model
-and data, the batch order, the summary) lives in small helpers below it.
+LRs -> log, then evaluation and checkpoints when due, and a stop after a checkpoint when
+SIGTERM / SIGINT asked for one. Everything else (building the model and data, the batch
+order, resuming, the summary) lives in small helpers below it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +22,32 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import sharding
+from . import preemption, sharding
 from .assembly import Assembly, assemble
 from .balance import supervised_mask
+from .batches import BatchOrder, MicroBatches
 from .checkpoint import (
+    PREFIX,
     fault_point,
     latest_checkpoint,
-    load_resume_state,
     load_trainable,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from .config import RunConfig, resolve_num_threads, to_dict
 from .coordinator import CoMMIT
 from .diagnostics import state_shares
+from .errors import NonFiniteError, Preempted
 from .evaluation import evaluate
-from .tracking import RunLogger, read_jsonl
+from .resume import find_checkpoint, restore
+from .tracking import RunLogger, read_jsonl, start_over, write_atomic
 
 __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
 
 logger = logging.getLogger(__name__)
 
 
+@preemption.stop_on_signals
 def train(
     cfg: RunConfig,
     *,
@@ -56,18 +59,25 @@ def train(
 
     Args:
         cfg: The run config.
-        resume: Continue from the newest complete checkpoint in ``cfg.run.output_dir``.
+        resume: Continue from the newest verified checkpoint in ``cfg.run.output_dir``
+            (without it, an earlier run's files in that folder are replaced).
         log: Where startup lines go (the main process only).
         session: A session from :func:`setup` to train (to inspect its model afterwards).
 
     Returns:
         The run summary (final loss, accuracy per question type, kappa statistics, time).
+
+    Raises:
+        Preempted: SIGTERM or SIGINT stopped the run; a checkpoint of its last step is
+            written (the handlers are installed while ``train`` runs, from the main thread).
+        NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row.
+        ValueError: A config that cannot resume the checkpoint, bad data (one line each).
     """
     s = session or setup(cfg, resume, log)
     acc, commit, opt, t = s.accelerator, s.commit, s.optimizer, cfg.train
     bar = s.progress_bar()
     start = time.perf_counter()
-    for step in range(s.start_step, t.steps):
+    for step in s.steps():  # SIGTERM / SIGINT: stop after a step, with its checkpoint
         # ---- forward -> loss -> backward, per micro-batch --------------------------------
         ce_sum = aux_sum = 0.0
         for micro in range(t.grad_accum):
@@ -88,13 +98,16 @@ def train(
         if not _finite(ce_sum + aux_sum, total_norm):
             s.skip_step(step)
             bar.update(1)
+            s.end_of_step(step + 1)
             continue
         s.bad_in_a_row = 0
         # ---- step ------------------------------------------------------------------------
         commit.before_step()
         opt.step()
         # ---- kappa -> kappa_bar -> factors -> the next step's LRs -------------------------
-        report = commit.after_step()
+        # (strategy progress: measured on the next batch, which this step did not train on)
+        heldout = s.peek_batch() if commit.heldout and step + 1 < t.steps else None
+        report = commit.after_step(heldout)
         opt.zero_grad(set_to_none=True)
         # ---- log -------------------------------------------------------------------------
         ce_mean, aux_mean = ce_sum / t.grad_accum, aux_sum / t.grad_accum
@@ -113,7 +126,7 @@ def train(
         # ---- evaluate and save when due ---------------------------------------------------
         s.end_of_step(step + 1)
     bar.close()
-    final_eval = s.evaluate(t.steps)
+    final_eval = s.final_evaluation()
     s.save(t.steps)
     return s.finish(final_eval, time.perf_counter() - start)
 
@@ -150,83 +163,6 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-# ---- batch order ------------------------------------------------------------------------
-class BatchOrder:
-    """Deterministic data order: the step is the exact data position.
-
-    Positions run over an endless concatenation of per-epoch permutations (seed + epoch).
-    Micro-batch ``i`` covers positions ``[i G, (i + 1) G)`` of the global batch ``G``; rank
-    ``r`` takes its ``r``-th slice of ``batch_size``.
-
-    Args:
-        n: Dataset size.
-        batch_size: Per-process micro-batch size.
-        seed: Seed of the permutations.
-        rank: This process's rank.
-        world: Number of processes.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if n < 1:
-            raise ValueError("the training set is empty")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-
-    @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs, one order object per run
-    def _perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def indices(self, micro: int) -> list[int]:
-        """Dataset indices of micro-batch ``micro`` on this rank."""
-        start = (micro * self.world + self.rank) * self.batch_size
-        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
-
-
-class _MicroBatches(torch.utils.data.Dataset):
-    """Collated micro-batches from ``start`` on (a map-style dataset for DataLoader workers).
-
-    A sample that cannot be loaded or collated is an error naming its index and id
-    (``on_bad_sample: error``), or is dropped from its micro-batch and reported under the
-    batch key ``_skipped`` (``on_bad_sample: skip``).
-    """
-
-    def __init__(self, data, collator, order: BatchOrder, start: int, total: int, on_bad: str):
-        self.data, self.collator, self.order = data, collator, order
-        self.start, self.total, self.on_bad = start, total, on_bad
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        micro = self.start + k
-        indices = self.order.indices(micro)
-        try:
-            return self.collator([self.data[i] for i in indices])
-        except (ValueError, OSError):
-            pass  # find the bad rows one by one: the slow path only runs on bad data
-        good, skipped = [], []
-        for i in indices:
-            try:
-                sample = self.data[i]
-                self.collator([sample])
-                good.append(sample)
-            except (ValueError, OSError) as e:
-                sid = _sample_id(self.data, i)
-                if self.on_bad == "error":
-                    raise ValueError(f"train sample {i} (id {sid}): {e}") from None
-                skipped.append({"micro_batch": micro, "index": i, "id": sid, "reason": str(e)})
-        if not good:
-            raise ValueError(f"micro-batch {micro}: every sample is bad ({skipped[0]['reason']})")
-        return {**self.collator(good), "_skipped": skipped}
-
-
-def _sample_id(data: Sequence[dict], i: int) -> str:
-    try:
-        return str(data[i].get("id", i))
-    except Exception:  # the row itself may be what fails to load
-        return str(i)
-
-
 # ---- session: everything the loop uses --------------------------------------------------
 @dataclass
 class Session:
@@ -247,18 +183,66 @@ class Session:
     bad_in_a_row: int = 0
     skipped_steps: int = 0
     skipped_samples: int = 0
+    saved_step: int | None = None  # the step of the published checkpoint this state equals
+    _peeked: tuple[dict[str, Any], list[dict]] | None = None
+
+    def steps(self) -> Iterator[int]:
+        """Step indices from ``start_step`` on, ending early on SIGTERM / SIGINT.
+
+        Before each step, and after the last one, every process agrees whether a signal
+        asked to stop (:func:`preemption.current`); if so the state is published as a
+        checkpoint (nothing new before the first step) and :class:`Preempted` is raised.
+        After the last step the final checkpoint is then written and the final evaluation
+        left to ``--resume``.
+        """
+        try:
+            for step in range(self.start_step, self.cfg.train.steps):
+                self._stop_if_asked(step)
+                yield step
+            self._stop_if_asked(self.cfg.train.steps)
+        except BaseException:
+            self.logger.close()  # flush what TensorBoard holds; the checkpoint is published
+            raise
+
+    def _stop_if_asked(self, done: int) -> None:
+        stop = preemption.current()
+        if stop is None:
+            return
+        reduce = _all_reduce if self.accelerator.num_processes > 1 else None
+        signum = stop.agreed(reduce, self.accelerator.device)
+        if signum is None:
+            return
+        ckpt = None
+        if done > 0:
+            ckpt = self.save(done)
+        elif self.saved_step is not None:
+            ckpt = self.run_dir / "checkpoints" / f"{PREFIX}{self.saved_step:08d}"
+        raise Preempted(signum, done, self.cfg.train.steps, ckpt, self.run_dir)
+
+    def peek_batch(self) -> dict[str, Any]:
+        """The micro-batch :meth:`next_batch` returns next (fetched now, kept for it)."""
+        if self._peeked is None:
+            self._peeked = self._fetch()
+        return self._peeked[0]
 
     def next_batch(self) -> dict[str, Any]:
-        """The next micro-batch, on the device; skipped bad samples are recorded."""
-        batch = next(self.loader)
-        skipped = batch.pop("_skipped", None)
+        """The next micro-batch, on the device; its skipped bad samples are recorded now.
+
+        Recording when a batch is trained on (not when it is peeked at) keeps the records and
+        counters of a checkpoint to the steps it holds.
+        """
+        batch, skipped = self._peeked if self._peeked is not None else self._fetch()
+        self._peeked = None
         if skipped:
             self.skipped_samples += len(skipped)
-            if self.accelerator.is_main_process:
-                with open(self.run_dir / "skipped_samples.jsonl", "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in skipped)
+            self.logger.log_skipped(skipped)
+        return batch
+
+    def _fetch(self) -> tuple[dict[str, Any], list[dict]]:
+        batch = next(self.loader)
+        skipped = batch.pop("_skipped", None) or []
         dev = self.accelerator.device
-        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}, skipped
 
     def clip_gradients(self) -> torch.Tensor | None:
         """Clip to ``train.max_grad_norm`` (None when 0); return the total norm before it.
@@ -276,7 +260,7 @@ class Session:
         """Drop a step whose loss or gradient is not finite; abort after too many in a row.
 
         Raises:
-            RuntimeError: ``train.max_bad_steps`` non-finite steps in a row. The last good
+            NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row. The last good
                 checkpoint is left as it is.
         """
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,16 +271,29 @@ class Session:
         limit = self.cfg.train.max_bad_steps
         if self.bad_in_a_row >= limit:
             last = latest_checkpoint(self.run_dir)
-            raise RuntimeError(
+            then = (
+                f"add --resume to continue from {last.name}"
+                if last is not None
+                else "start again (no checkpoint was written)"
+            )
+            raise NonFiniteError(
                 f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
-                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}"
+                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}. "
+                f"Lower the learning rates (train.lr, train.*_lr) or check the data, then {then}",
+                step,
+                last,
             )
 
     def end_of_step(self, done: int) -> None:
-        """Evaluate and save when due, after ``done`` optimizer steps."""
+        """Evaluate, then save, when due after ``done`` optimizer steps.
+
+        The evaluation of step S is written before checkpoint S is published, so a
+        checkpoint stands for every record up to its step (see :mod:`.tracking`).
+        """
         t = self.cfg.train
         if t.eval_every and done % t.eval_every == 0 and done < t.steps:
             self.evaluate(done)
+            fault_point(f"eval:{done}")
         if t.save_every and done % t.save_every == 0 and done < t.steps:
             self.save(done)
 
@@ -332,20 +329,53 @@ class Session:
                     self.accelerator.autocast,
                 )
         if self.accelerator.is_main_process:
-            self.logger.log_eval({"step": step, **result})
-            path = self.run_dir / "predictions" / f"step-{step:08d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(p) + "\n" for p in preds))
+            self.logger.log_eval({"step": step, **result}, preds)
         self.accelerator.wait_for_everyone()
         return result
 
-    def save(self, step: int) -> None:
-        """Write checkpoint ``step`` (main process; under FSDP every rank gathers first)."""
+    def final_evaluation(self) -> dict | None:
+        """The evaluation after the last step: run it, or read it back for a finished run.
+
+        A finished run that is resumed (``start_step == train.steps``) wrote its final
+        evaluation before its last checkpoint: it is read from eval.jsonl, not repeated. It
+        runs when absent (a stop right after the last step leaves it to ``--resume``).
+        """
+        steps = self.cfg.train.steps
+        if self.start_step == steps and self.parts.eval_set is not None:
+            done = [r for r in read_jsonl(self.run_dir / "eval.jsonl") if r.get("step") == steps]
+            if done:
+                return {k: v for k, v in done[-1].items() if k != "step"}
+        return self.evaluate(steps)
+
+    def save(self, step: int) -> Path:
+        """Publish checkpoint ``step`` (main process; under FSDP every rank gathers first).
+
+        The run's records are synced first, so the checkpoint stands for everything written
+        up to its step. Nothing is written when the state is that of the checkpoint the run
+        resumed from (a finished run resumed again).
+
+        Returns:
+            The checkpoint folder (its path on every rank).
+        """
+        final = self.run_dir / "checkpoints" / f"{PREFIX}{step:08d}"
+        if step == self.saved_step:
+            return final
         weights = optim = None
         if self.fsdp is not None:
             weights, optim = sharding.full_state(self.fsdp, self.optimizer, self.parts.model)
         if self.accelerator.is_main_process:
-            state = {"commit": self.commit.state_dict(), "rng": rng_state()}
+            self.logger.sync()
+            state = {
+                "commit": self.commit.state_dict(),
+                "rng": rng_state(),
+                "counters": {
+                    "bad_in_a_row": self.bad_in_a_row,
+                    "skipped_steps": self.skipped_steps,
+                    "skipped_samples": self.skipped_samples,
+                },
+                "config": to_dict(self.cfg),
+                "processes": self.accelerator.num_processes,
+            }
             save_checkpoint(
                 self.run_dir,
                 step,
@@ -356,20 +386,28 @@ class Session:
                 weights=weights,
                 optimizer_state=optim,
             )
+        self.saved_step = step
         self.accelerator.wait_for_everyone()
+        return final
 
     def finish(self, final_eval: dict | None, seconds: float) -> dict:
         """Write summary.json and close the logs."""
         self.logger.close()
         summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
         summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
+        fault_point("finish")
         if self.accelerator.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 
 def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> Session:
-    """Build the accelerator, model, data, optimizer and CoMMIT; restore a checkpoint."""
+    """Build the accelerator, model, data, optimizer and CoMMIT; restore a checkpoint.
+
+    With ``resume`` the newest verified checkpoint is chosen and checked against the config
+    first (:mod:`.resume`), before anything is built; without it, an earlier run's files in
+    the run folder are replaced, once everything is built.
+    """
     from accelerate import Accelerator
 
     t = cfg.train
@@ -380,13 +418,14 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     cpu = t.cpu or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
     say = log if acc.is_main_process else (lambda _: None)
+    warn = logger.warning if acc.is_main_process else (lambda *_: None)
     run_dir = Path(cfg.run.output_dir)
+    ckpt, state = find_checkpoint(run_dir, resume, to_dict(cfg), acc.num_processes, say, warn)
     parts = assemble(cfg, say)
     say(f"strategy: {cfg.commit.strategy}  device: {acc.device}  processes: {acc.num_processes}")
     say(f"threads: {why}")
     say(parts.components.table())
     _check_trainable(parts.components, cfg.commit.strategy)
-    ckpt = _checkpoint_to_resume(run_dir, resume, say)
     if ckpt is not None:  # weights go in before any wrapper shards or replicates them
         load_trainable(parts.model, ckpt)
     optimizer, ddp, fsdp = _wrap(acc, parts, t, say)
@@ -405,32 +444,48 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         all_reduce=_all_reduce if acc.num_processes > 1 else None,
         sharded=fsdp is not None,
     )
-    start = _restore(ckpt, fsdp, optimizer, commit, say)
+    start = restore(ckpt, state, optimizer, commit, fsdp, say, warn)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if not resume:
+            start_over(run_dir, warn)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     run_logger = RunLogger(
         run_dir,
         acc.is_main_process,
         cfg.run.tensorboard,
         cfg.run.wandb,
-        resume_step=start,
+        resume_step=start if resume else None,
         config=to_dict(cfg),
     )
     order = BatchOrder(
         len(parts.train_set), t.batch_size, cfg.run.seed, acc.process_index, acc.num_processes
     )
     total = t.steps * t.grad_accum
-    data = _MicroBatches(
-        parts.train_set, parts.collator, order, start * t.grad_accum, total, cfg.data.on_bad_sample
+    on_bad = cfg.data.on_bad_sample
+    data = MicroBatches(
+        parts.train_set, parts.collator, order, start * t.grad_accum, total, on_bad, t.grad_accum
     )
     loader = iter(
-        torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers)
+        torch.utils.data.DataLoader(
+            data,
+            batch_size=None,
+            num_workers=cfg.data.num_workers,
+            worker_init_fn=preemption.ignore_in_worker,
+        )
     )
     params = [p for c in parts.components for p in c.params]
-    return Session(
+    s = Session(
         cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
     )
+    if state is not None:
+        s.bad_in_a_row, s.skipped_steps, s.skipped_samples = (
+            int(state.get("counters", {}).get(k, 0))
+            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples")
+        )
+        if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
+            s.saved_step = start
+    return s
 
 
 def _check_trainable(components: Any, strategy: str) -> None:
@@ -469,30 +524,6 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
     model, optimizer = acc.prepare(parts.model, opt_cls(parts.components.param_groups()))
     parts.model = acc.unwrap_model(model)
     return optimizer, (model if acc.num_processes > 1 else None), None
-
-
-def _checkpoint_to_resume(run_dir: Path, resume: bool, say: Callable[[str], None]) -> Path | None:
-    if not resume:
-        return None
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        say(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0")
-    return ckpt
-
-
-def _restore(ckpt: Path | None, fsdp: Any, optimizer: Any, commit: CoMMIT, say) -> int:
-    """Optimizer, CoMMIT and RNG state of ``ckpt`` (its weights are already loaded)."""
-    if ckpt is None:
-        return 0
-    state, optim = load_resume_state(ckpt, fsdp=fsdp is not None)
-    if fsdp is not None:
-        sharding.load_optimizer_state(optimizer, optim)
-    else:
-        optimizer.load_state_dict(optim)
-    commit.load_state_dict(state["commit"])
-    set_rng_state(state["rng"])
-    say(f"resume: from {ckpt} (step {state['step']})")
-    return int(state["step"])
 
 
 def _all_reduce(t: torch.Tensor) -> None:

@@ -65,6 +65,9 @@ class Collator:
         system_prompt: Optional text put before the first user turn.
         image_token: Image placeholder string.
         audio_token: Audio placeholder string.
+        blind: Text-only baseline: every image and clip is replaced by zeros after
+            preprocessing (same shapes, same placeholders, no information), so a model can
+            only learn the language prior of the questions.
 
     Calling the collator on ``B`` samples returns a dict with ``input_ids``,
     ``attention_mask``, ``labels`` (long ``[B, L]``, right-padded), plus ``pixel_values``
@@ -82,6 +85,7 @@ class Collator:
     system_prompt: str | None = None
     image_token: str = IMAGE_TOKEN
     audio_token: str = AUDIO_TOKEN
+    blind: bool = False
 
     def __post_init__(self) -> None:
         self.placeholder_info = add_placeholder_tokens(
@@ -232,6 +236,10 @@ class Collator:
                 clips = [load_audio(s["audio"], s.get("sampling_rate"), rate) for s in samples]
                 feats, mask = audio_features(clips, self.feature_extractor)
                 out["input_features"], out["feature_attention_mask"] = feats, mask
+        if self.blind:
+            for key in ("pixel_values", "input_features"):
+                if key in out:
+                    out[key] = torch.zeros_like(out[key])
         return out
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:

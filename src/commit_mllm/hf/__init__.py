@@ -4,23 +4,23 @@
   ``transformers`` MLLM classes, ``projector_side``, user overrides.
 * :mod:`.adapters`: cached-encoder adapters (the balance meter's ``encode`` / ``decode``).
 * :mod:`.lora`: LoRA through peft per part, freezing.
-* :mod:`.callback`: :class:`CoMMITCallback`, :class:`CoMMITTrainerMixin`,
-  :func:`commit_optimizer` for ``transformers.Trainer`` and ``trl.SFTTrainer``.
+* :mod:`.optim`: :func:`commit_optimizer`, named groups per component with the Trainer's
+  weight-decay split.
+* :mod:`.callback`: :class:`CoMMITCallback` (the step, the metrics, the balance state).
+* :mod:`.mixin`: :class:`CoMMITTrainerMixin` / :class:`CoMMITTrainer` for
+  ``transformers.Trainer`` and ``trl.SFTTrainer`` (optimizer, forward, logs, start checks).
+* :mod:`.deepspeed`: DeepSpeed ZeRO stage 0-2 hooks and refusals.
+* :mod:`.settings_doc`: the ``CoMMITConfig`` settings table of docs/integrations.md.
 
 Needs the ``hf`` extra (transformers, peft, accelerate; trl for SFTTrainer).
 """
 
 from .adapters import HFCachedEncoder, make_adapter, supervised_forward, supervised_positions
-from .callback import (
-    STATE_FILE,
-    CoMMITCallback,
-    CoMMITTrainer,
-    CoMMITTrainerMixin,
-    commit_optimizer,
-    commit_trainer_class,
-    state_code,
-)
+from .callback import STATE_FILE, CoMMITCallback, TrainerSetupError, state_code
+from .deepspeed import DeepSpeedSetupError
 from .lora import configure_training, part_module_regex
+from .mixin import CoMMITTrainer, CoMMITTrainerMixin, commit_trainer_class
+from .optim import commit_optimizer, decay_parameter_names
 from .registry import (
     PARTS,
     PROJECTOR_SIDES,
@@ -44,15 +44,18 @@ __all__ = [
     "CoMMITCallback",
     "CoMMITTrainer",
     "CoMMITTrainerMixin",
+    "DeepSpeedSetupError",
     "FeatureSpec",
     "HFCachedEncoder",
     "MLLMSpec",
+    "TrainerSetupError",
     "UnknownArchitectureError",
     "build_components",
     "commit_optimizer",
     "commit_trainer_class",
     "component_patterns",
     "configure_training",
+    "decay_parameter_names",
     "make_adapter",
     "part_module_regex",
     "part_patterns",

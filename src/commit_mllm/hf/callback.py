@@ -1,4 +1,4 @@
-"""CoMMIT inside ``transformers.Trainer`` / ``trl.SFTTrainer``: callback, mixin, optimizer.
+"""CoMMIT inside ``transformers.Trainer`` / ``trl.SFTTrainer``: the callback.
 
 Where each piece of a CoMMIT step runs in the Trainer loop (transformers 5.x)::
 
@@ -13,7 +13,12 @@ Where each piece of a CoMMIT step runs in the Trainer loop (transformers 5.x)::
     lr_scheduler.step()                        (the Trainer: warmup / cosine / ... s(t))
     on_step_end              [callback]        group lr = scheduler lr * f_c (no compounding:
                                                the scheduler recomputes from initial_lr)
-    on_log / on_save         [callback]        metrics into ``report_to``; commit_state.pt
+    Trainer.log              [mixin]           the latest metrics merged into the training
+                                               logs: log_history and every report_to
+    on_save                  [callback]        commit_state.pt next to the checkpoint
+
+Under DeepSpeed the engine updates inside ``backward``; the gradient norms and the snapshot
+then run in a hook on the engine's step (:mod:`.deepspeed`).
 
 The factor multiplies the Trainer's own schedule; it never replaces it.
 
@@ -35,61 +40,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from ..components import Components
 from ..coordinator import CoMMIT, StepReport
 from ..strategies import CoMMITConfig
 from .adapters import make_adapter, supervised_forward
+from .deepspeed import ComponentGroups, EngineStepHook, deepspeed_config, zero_grad_norms
 
-__all__ = [
-    "STATE_FILE",
-    "CoMMITCallback",
-    "CoMMITTrainer",
-    "CoMMITTrainerMixin",
-    "commit_optimizer",
-    "commit_trainer_class",
-    "state_code",
-]
+__all__ = ["STATE_FILE", "CoMMITCallback", "TrainerSetupError", "state_code"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "commit_state.pt"
 
 
-def commit_optimizer(
-    components: Components,
-    args: Any | None = None,
-    optimizer_cls: type[torch.optim.Optimizer] | None = None,
-    **kwargs: Any,
-) -> torch.optim.Optimizer:
-    """An optimizer with one named group per trainable component.
-
-    Args:
-        components: The components (their base LRs become the groups' ``lr`` / ``base_lr``).
-        args: ``TrainingArguments``: optimizer class and kwargs are taken from it (``optim``,
-            ``adam_beta1`` ...; ``weight_decay`` for components without their own).
-        optimizer_cls: Explicit class (default: from ``args``, else ``torch.optim.AdamW``).
-        **kwargs: Optimizer keyword arguments (override those from ``args``).
-
-    Returns:
-        The optimizer; pass it as ``Trainer(optimizers=(optimizer, None))`` or let
-        :class:`CoMMITTrainerMixin` build it.
-    """
-    opt_kwargs: dict[str, Any] = {}
-    if args is not None and optimizer_cls is None:
-        optimizer_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-        opt_kwargs = {k: v for k, v in opt_kwargs.items() if k != "lr"}
-    optimizer_cls = optimizer_cls or torch.optim.AdamW
-    opt_kwargs.update(kwargs)
-    groups = components.param_groups()
-    default_wd = opt_kwargs.pop("weight_decay", None)
-    if default_wd is None and args is not None:
-        default_wd = args.weight_decay
-    for group in groups:
-        if "weight_decay" not in group and default_wd is not None:
-            group["weight_decay"] = default_wd
-    return optimizer_cls(groups, **opt_kwargs)
+class TrainerSetupError(ValueError):
+    """The Trainer around a :class:`CoMMITCallback` cannot run CoMMIT as set up."""
 
 
 def state_code(state: str, names: list[str]) -> int:
@@ -105,6 +72,10 @@ def state_code(state: str, names: list[str]) -> int:
     return -1
 
 
+def _all_reduce(t: torch.Tensor) -> None:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
 class CoMMITCallback(TrainerCallback):
     """Runs a CoMMIT strategy inside a ``transformers.Trainer`` (with the mixin).
 
@@ -117,6 +88,10 @@ class CoMMITCallback(TrainerCallback):
             None (full forward per lookahead branch), or an object implementing
             ``encode`` / ``decode`` / ``encoder_parameters``.
         prefix: Prefix of the balance metrics in the logs.
+
+    Attributes:
+        history: Every step's metrics (what :meth:`metrics` returns), in order.
+        latest: The newest value of every metric (what the Trainer's logs get).
     """
 
     def __init__(
@@ -135,43 +110,114 @@ class CoMMITCallback(TrainerCallback):
         self.model: nn.Module | None = None
         self.last: StepReport | None = None
         self.history: list[dict[str, Any]] = []
+        self.latest: dict[str, Any] = {}
+        self._estimate: dict[str, Any] = {}
         self.resume_from: str | None = None
+        self.trainer: Any = None
+        self.group_params: list[list[nn.Parameter]] | None = None
+        self._hook: EngineStepHook | None = None
+        self._reduce: Any = None
 
     # ---- set-up ---------------------------------------------------------------------------
+    def bind(self, trainer: Any) -> None:
+        """Attach the Trainer that runs CoMMIT's forward and optimizer (the mixin does it)."""
+        self.trainer = trainer
+
     def setup(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, warmup: int
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup: int,
+        *,
+        all_reduce: Any = None,
+        deepspeed_engine: Any = None,
     ) -> CoMMIT:
         """Build the CoMMIT engine on the Trainer's model and optimizer.
 
         The engine's own schedule is ``constant`` (its rates are overwritten by
         :meth:`apply_lrs`); its warmup is the Trainer's, so no factor moves during warmup.
+
+        Args:
+            model: The bare model (not the DDP / DeepSpeed wrapper).
+            optimizer: The Trainer's optimizer (named groups).
+            total_steps: Optimizer steps of the run.
+            warmup: Warmup steps of the Trainer's schedule.
+            all_reduce: In-place SUM all-reduce when several processes train (each measures
+                its micro-batch; the KL sums are summed so every rank gets the same kappa).
+            deepspeed_engine: The DeepSpeed engine, when there is one: the pre-step work
+                then runs in a hook on its ``step`` (see :mod:`.deepspeed`).
         """
         adapter = make_adapter(model) if self.adapter_choice == "auto" else self.adapter_choice
-        self.model = model
+        self.model, self._reduce = model, all_reduce
+        view = optimizer
+        if deepspeed_engine is not None:
+            if self.group_params is None:
+                raise TrainerSetupError(
+                    "under DeepSpeed the CoMMIT optimizer must be built by the trainer "
+                    "(CoMMITTrainer.create_optimizer); do not pass optimizers="
+                )
+            view = ComponentGroups(optimizer, self.group_params)
+        self.remove_hook()
         self.commit = CoMMIT(
             adapter if adapter is not None else model,
-            optimizer,
+            view,
             self.components,
             self.config,
             total_steps=max(1, total_steps),
             warmup_steps=warmup,
             schedule="constant",
             forward_fn=None if adapter is not None else supervised_forward,
+            all_reduce=all_reduce,
         )
+        if deepspeed_engine is not None:
+            self._hook = EngineStepHook(deepspeed_engine, self._before_engine_step)
+        self.latest, self._estimate = {}, {}
         how = "cached encoder" if adapter is not None else "full forward per branch"
         logger.info("CoMMIT %s (%s)\n%s", self.config.strategy, how, self.components.table())
         return self.commit
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Build the engine, restore a checkpoint's balance state, apply the factors."""
-        if self.commit is None or self.model is not model:
-            self.setup(model, optimizer, state.max_steps, args.get_warmup_steps(state.max_steps))
+        if self.trainer is None:
+            raise TrainerSetupError(
+                "CoMMITCallback needs CoMMIT's training forward and optimizer, which a plain "
+                "Trainer does not run: train with commit_mllm.hf.CoMMITTrainer (or "
+                "commit_trainer_class(YourTrainer)); to pass your own optimizer, build it with "
+                "commit_mllm.hf.commit_optimizer(components, args, model=model)"
+            )
+        acc = self.trainer.accelerator
+        engine = None
+        if deepspeed_config(acc) is not None:  # a new engine (and optimizer) on every train()
+            engine = acc.deepspeed_engine_wrapped.engine
+        if self.commit is None or self.model is not model or engine is not None:
+            carry = self.commit.state_dict() if self.commit and self.model is model else None
+            self.setup(
+                model,
+                optimizer,
+                state.max_steps,
+                args.get_warmup_steps(state.max_steps),
+                all_reduce=_all_reduce if acc.num_processes > 1 else None,
+                deepspeed_engine=engine,
+            )
+            if carry is not None:  # train() again on the same model: keep the balance state
+                self.commit.load_state_dict(carry)
         path = self.resume_from
         if path is None and state.global_step > 0:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if path is not None and state.global_step > 0:
             self.load(path)
         self.apply_lrs(kwargs.get("lr_scheduler"), optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Give the DeepSpeed engine its own ``step`` back."""
+        self.remove_hook()
+
+    def remove_hook(self) -> None:
+        """Remove the DeepSpeed step hook, if any."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     # ---- the step ---------------------------------------------------------------------------
     def training_loss(
@@ -180,7 +226,7 @@ class CoMMITCallback(TrainerCallback):
         """Training forward through the meter; returns (CE + regularizer, [T, V] logits).
 
         Args:
-            model: What the Trainer calls (DDP wrapper or the model itself).
+            model: What the Trainer calls (DDP / DeepSpeed wrapper or the model itself).
             inputs: The micro-batch (with ``labels``).
             ga_steps: Micro-batches in this optimizer step (scales a lagging-only bonus).
         """
@@ -206,17 +252,34 @@ class CoMMITCallback(TrainerCallback):
         return ce + aux, logits
 
     def after_backward(self) -> dict[str, float]:
-        """Per-component grad norms, then CD gating / OGM-GE modulation (before clipping)."""
+        """Per-component grad norms, then CD gating / OGM-GE modulation (before clipping).
+
+        Under DeepSpeed this runs in the engine's step hook instead (returns {} here).
+        """
+        if self._hook is not None:
+            return {}
         return self._engine().after_backward()
 
+    def _before_engine_step(self) -> None:
+        """DeepSpeed: gradient norms from the engine's buffers, then snapshot theta_t."""
+        commit = self._engine()
+        commit.after_backward(zero_grad_norms(self.components, self._reduce))
+        commit.before_step()
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        """Snapshot theta_t when kappa is due."""
-        self._engine().before_step()
+        """Snapshot theta_t when kappa is due (under DeepSpeed the step hook did)."""
+        if self._hook is None:
+            self._engine().before_step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         """Measure kappa on the step just taken; update the tracker and factors."""
         self.last = self._engine().after_step()
-        self.history.append(self.metrics(self.last))
+        record = self.metrics(self.last)
+        self.history.append(record)
+        if self.last.measurement is not None:
+            self._estimate = record
+        # The step's own values; kappa, D_c, flags ... of the newest estimate (every K > 1).
+        self.latest = {**self._estimate, **record}
 
     def on_step_end(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
         """Multiply the rates the Trainer's scheduler just set by the CoMMIT factors."""
@@ -234,7 +297,13 @@ class CoMMITCallback(TrainerCallback):
 
     # ---- logs and checkpoints -------------------------------------------------------------
     def metrics(self, report: StepReport) -> dict[str, Any]:
-        """Flat metrics of one step: ``commit/kappa``, ``lr/<c>``, ``grad_norm/<c>`` ..."""
+        """Flat metrics of one step: ``commit/kappa``, ``lr/<c>``, ``grad_norm/<c>`` ...
+
+        Every key of :meth:`StepReport.as_log` but ``step``; ``lr/``, ``grad_norm/`` and
+        ``update_norm/`` keep their names, the rest get :attr:`prefix`. Added:
+        ``commit/state_code`` (see :func:`state_code`), ``commit/collapse`` as 0/1 and, on
+        steps with an estimate, ``commit/estimate_step`` (the Trainer's global step of it).
+        """
         rec = report.as_log()
         out: dict[str, Any] = {}
         for key, value in rec.items():
@@ -245,13 +314,18 @@ class CoMMITCallback(TrainerCallback):
             out[key if top else self.prefix + key] = value
         out[self.prefix + "state_code"] = state_code(rec["state"], self.components.names)
         out[self.prefix + "collapse"] = float(rec["collapse"])
+        if report.measurement is not None:
+            out[self.prefix + "estimate_step"] = report.step + 1
         return out
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        """Merge the latest step's balance metrics into the Trainer's training logs."""
-        if logs is None or self.last is None or "loss" not in logs:
-            return
-        logs.update(self.metrics(self.last))
+    def log_metrics(self) -> dict[str, Any]:
+        """What a training log gets: the newest value of every metric.
+
+        With ``logging_steps`` > 1 these are the last step's values (as the Trainer's own
+        ``grad_norm`` and ``learning_rate``); with estimates every K > 1 steps, the kappa
+        and D_c of the newest estimate (``commit/estimate_step`` says which).
+        """
+        return dict(self.latest)
 
     def on_save(self, args, state, control, **kwargs):
         """Write the balance state (meter window, factors, step) next to the checkpoint."""
@@ -273,86 +347,8 @@ class CoMMITCallback(TrainerCallback):
 
     def _engine(self) -> CoMMIT:
         if self.commit is None:
-            raise RuntimeError(
+            raise TrainerSetupError(
                 "CoMMITCallback is not set up: train with CoMMITTrainer, "
                 "commit_trainer_class(YourTrainer) or a class using CoMMITTrainerMixin"
             )
         return self.commit
-
-
-class CoMMITTrainerMixin:
-    """Routes a Trainer's training forward, loss and optimizer through CoMMIT.
-
-    Put it first in the bases (``class T(CoMMITTrainerMixin, SFTTrainer)``) and pass a
-    :class:`CoMMITCallback` in ``callbacks``. Evaluation uses the base class's loss.
-    """
-
-    # compute_loss returns a per-micro-batch mean: the Trainer divides by the GA steps.
-    loss_is_scaled_for_ga = False
-
-    def commit_callback(self) -> CoMMITCallback:
-        """The :class:`CoMMITCallback` among the Trainer's callbacks."""
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, CoMMITCallback):
-                return cb
-        raise ValueError("add a CoMMITCallback to the Trainer's callbacks")
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """One named parameter group per trainable component (Trainer's optimizer class)."""
-        if self.optimizer is None:
-            self.optimizer = commit_optimizer(self.commit_callback().components, self.args)
-        return self.optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """CE + regularizer on the supervised logits of the meter's training forward."""
-        cb = self.commit_callback()
-        if not model.training or cb.commit is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        steps = getattr(self, "current_gradient_accumulation_steps", 1)
-        loss, logits = cb.training_loss(model, inputs, steps)
-        return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """The base step; after the last micro-batch's backward, CoMMIT's gradient side."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
-            self.commit_callback().after_backward()
-        return loss
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _reload_converted_weights(self.model, resume_from_checkpoint)
-        self.commit_callback().resume_from = resume_from_checkpoint
-
-
-def _reload_converted_weights(model: nn.Module, checkpoint: str) -> None:
-    """Reload full weights whose saved keys use the class's legacy layout.
-
-    transformers 5.23 saves e.g. LLaVA under its legacy key names (``language_model.model.
-    layers...``) but ``Trainer._load_from_checkpoint`` loads them non-strictly without the
-    key conversion, so nothing is restored (a warning lists every key). ``from_pretrained``
-    applies the conversion; copy its weights in. PeftModels (adapter files) are untouched.
-    """
-    path = os.path.join(checkpoint, "model.safetensors")
-    if hasattr(model, "peft_config") or not os.path.isfile(path):
-        return
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        saved = set(f.keys())
-    own = dict(model.state_dict())
-    if saved <= set(own):
-        return
-    loaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
-    missing, _ = model.load_state_dict(loaded.state_dict(), strict=False)
-    if missing:
-        logger.warning("resume: %d tensors not restored from %s", len(missing), checkpoint)
-
-
-def commit_trainer_class(base: type) -> type:
-    """``base`` with :class:`CoMMITTrainerMixin` in front (e.g. ``trl.SFTTrainer``)."""
-    return type(f"CoMMIT{base.__name__}", (CoMMITTrainerMixin, base), {})
-
-
-CoMMITTrainer = commit_trainer_class(Trainer)
-"""``transformers.Trainer`` with CoMMIT (pass a :class:`CoMMITCallback`)."""

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -316,7 +317,7 @@ def component_patterns(
 def build_components(
     model: nn.Module,
     projector_side: str = "encoder",
-    lrs: Mapping[str, float] | float = 1e-4,
+    lrs: Mapping[str, float] | float | None = None,
     components: Mapping[str, str | Sequence[str]] | None = None,
     weight_decay: Mapping[str, float] | None = None,
 ) -> Components:
@@ -325,14 +326,28 @@ def build_components(
     Args:
         model: The model the Trainer will train (``PeftModel`` or bare).
         projector_side: See :func:`component_patterns`.
-        lrs: Base learning rate per component (or one for all).
+        lrs: Base learning rate per component, or one for all. A component left out (all
+            of them when None) takes ``TrainingArguments.learning_rate`` when the Trainer
+            builds the optimizer (until then its rate is NaN, shown as ``unset``).
         components: Optional user declaration (see :func:`component_patterns`).
-        weight_decay: Optional weight decay per component.
+        weight_decay: Optional weight decay per component (default:
+            ``TrainingArguments.weight_decay``; biases and norm weights never decay).
 
     Returns:
         The components; frozen parts appear as components without trainable tensors.
+
+    Raises:
+        ComponentError: ``lrs`` or ``weight_decay`` names a component that does not exist.
     """
     patterns = component_patterns(model, projector_side, components)
+    for what, given in (("lrs", lrs), ("weight_decay", weight_decay)):
+        unknown = sorted(set(given) - set(patterns)) if isinstance(given, Mapping) else []
+        if unknown:
+            raise ComponentError(
+                f"{what} names unknown component(s) {unknown}; components: {list(patterns)}"
+            )
+    if not isinstance(lrs, (int, float)):
+        lrs = {name: (lrs or {}).get(name, math.nan) for name in patterns}
     return Components.from_model(model, patterns, lrs=lrs, weight_decay=weight_decay)
 
 

@@ -1,4 +1,4 @@
-"""Feature encoders: vision (CLIP / SigLIP / ViT) and audio (Whisper encoder, any clip length).
+"""Feature encoders: vision (CLIP / SigLIP / ViT / DINOv2), audio (Whisper encoder, any length).
 
 Both wrap a ``transformers`` model stored as the attribute ``model`` (so parameter names are
 ``vision_encoder.model.…`` / ``audio_encoder.model.…`` inside a
@@ -31,10 +31,17 @@ VISION_MODEL_TYPES: dict[str, str] = {
     "siglip_vision_model": "SiglipVisionModel",
     "siglip": "SiglipVisionModel",
     "vit": "ViTModel",
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
 }
-# Modules that feed only pooled outputs; they never reach the selected patch features, so
-# they are frozen (a trainable parameter without gradient would look like a stuck component).
-_POOLING_MODULES = ("post_layernorm", "head", "pooler", "layernorm")
+# Vision model types whose sequence starts with a CLS token (DINOv2 with registers adds
+# ``num_register_tokens`` more after it); SigLIP has none.
+_CLS_MODEL_TYPES = ("clip_vision_model", "clip", "vit", "dinov2", "dinov2_with_registers")
+# Modules that feed only pooled outputs (or, DINOv2's ``layernorm``, only last_hidden_state,
+# never the hidden_states the features come from) and DINOv2's ``mask_token`` (masked image
+# modelling only): they never reach the selected patch features, so they are frozen (a
+# trainable parameter without gradient would look like a stuck component).
+_POOLING_MODULES = ("post_layernorm", "head", "pooler", "layernorm", "mask_token")
 
 
 def build_hf_config(config: dict[str, Any]) -> Any:
@@ -63,12 +70,14 @@ class VisionEncoder(nn.Module):
     """Vision tower returning patch features from a selected hidden layer (LLaVA style).
 
     Args:
-        name_or_path: Hub id or local folder of a CLIP / SigLIP / ViT checkpoint. Loaded with
-            ``from_pretrained``; a full CLIP/SigLIP checkpoint yields its vision tower.
+        name_or_path: Hub id or local folder of a CLIP / SigLIP / ViT / DINOv2 checkpoint.
+            Loaded with ``from_pretrained``; a full CLIP/SigLIP checkpoint yields its vision
+            tower.
         config: Alternatively, a config dict (with ``model_type``) built with random weights.
         feature_layer: Index into ``hidden_states`` (``0`` = embeddings, ``-1`` = last layer,
             ``-2`` = LLaVA's choice).
-        drop_cls: Drop the leading CLS token (CLIP and ViT have one, SigLIP has none).
+        drop_cls: Drop the leading CLS token (CLIP, ViT and DINOv2 have one, SigLIP has
+            none) and DINOv2's register tokens, leaving only patch tokens (a square grid).
         prune_layers: Build only the layers up to ``feature_layer`` (saves compute; the
             dropped layers would never receive gradients).
         dtype: Parameter dtype name (``"float32"``, ``"bfloat16"``...).
@@ -119,7 +128,8 @@ class VisionEncoder(nn.Module):
             self.model = cls(hf_config, **kwargs)
             if dtype is not None:
                 self.model.to(_dtype(dtype))
-        self.drop_cls = drop_cls and model_type in ("clip_vision_model", "clip", "vit")
+        self.drop_cls = drop_cls and model_type in _CLS_MODEL_TYPES
+        self.n_prefix = 1 + int(getattr(hf_config, "num_register_tokens", 0) or 0)
         for name, param in self.model.named_parameters():
             if set(name.split(".")) & set(_POOLING_MODULES):
                 param.requires_grad_(False)
@@ -146,7 +156,7 @@ class VisionEncoder(nn.Module):
         dtype = next(self.hf_model.parameters()).dtype
         out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         feats = out.hidden_states[self.feature_index]
-        return feats[:, 1:] if self.drop_cls else feats
+        return feats[:, self.n_prefix :] if self.drop_cls else feats
 
 
 def _load_pruned(

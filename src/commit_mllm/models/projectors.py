@@ -7,6 +7,7 @@ Rows are right-padded: a row's valid tokens come first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +33,11 @@ class ProjectorConfig:
         stride: MLP only: merge this many consecutive encoder tokens into one (audio frame
             down-sampling); ``1`` keeps every token.
         pool: MLP only: how merged tokens combine, ``"concat"`` or ``"avg"``.
+        patch_merge: MLP only: merge each ``patch_merge x patch_merge`` block of a square
+            patch grid into one token before the MLP (vision): with ``pool: concat`` the
+            block's features are stacked (pixel shuffle / space-to-depth, as nanoVLM, SmolVLM
+            and InternVL do), with ``avg`` they are averaged. 8x8 patches with 2 -> 16 tokens.
+            ``1`` keeps every patch.
         num_queries: Q-Former: learned queries (per window when ``window_size`` is set).
         num_layers: Q-Former: number of (self-attn, cross-attn, FFN) blocks.
         num_heads: Q-Former: attention heads.
@@ -45,6 +51,7 @@ class ProjectorConfig:
     hidden_dim: int | None = None
     stride: int = 1
     pool: str = "concat"
+    patch_merge: int = 1
     num_queries: int = 32
     num_layers: int = 2
     num_heads: int = 4
@@ -79,9 +86,14 @@ class MLPProjector(nn.Module):
         hidden_dim: Hidden width (default ``out_dim``).
         stride: Merge ``stride`` consecutive tokens (zero-padding the last group).
         pool: ``"concat"`` (input ``stride * d_in``) or ``"avg"``.
+        patch_merge: Merge ``m x m`` blocks of a square ``g x g`` patch grid (``g``
+            divisible by ``m``; not with ``stride`` > 1), concatenated or averaged by
+            ``pool``.
 
     Shapes:
         [B, N, d_in] -> [B, ceil(N / stride), d_out]; lengths -> ceil(lengths / stride).
+        With ``patch_merge`` m: [B, g*g, d_in] -> [B, (g/m)^2, d_out], tokens in row-major
+        grid order.
     """
 
     def __init__(
@@ -91,13 +103,20 @@ class MLPProjector(nn.Module):
         hidden_dim: int | None = None,
         stride: int = 1,
         pool: str = "concat",
+        patch_merge: int = 1,
     ) -> None:
         super().__init__()
         if pool not in ("concat", "avg"):
             raise ValueError(f"pool must be concat|avg, got {pool!r}")
-        self.stride, self.pool = stride, pool
+        if patch_merge < 1 or (patch_merge > 1 and stride > 1):
+            raise ValueError(
+                f"patch_merge must be >= 1 and not combined with stride > 1, got "
+                f"patch_merge={patch_merge}, stride={stride}"
+            )
+        self.stride, self.pool, self.patch_merge = stride, pool, patch_merge
         hidden_dim = hidden_dim or out_dim
-        merged = in_dim * stride if pool == "concat" else in_dim
+        group = stride * patch_merge**2
+        merged = in_dim * group if pool == "concat" else in_dim
         self.fc1 = nn.Linear(merged, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, out_dim)
@@ -127,7 +146,22 @@ class MLPProjector(nn.Module):
             x = x.reshape(bsz, n_out, -1) if self.pool == "concat" else x.mean(2)
             if lengths is not None:
                 lengths = -(-lengths // self.stride)
+        if self.patch_merge > 1:
+            x = self._merge_patches(x, lengths)
         return self.fc2(self.act(self.fc1(x))), lengths
+
+    def _merge_patches(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """[B, g*g, d] -> [B, (g/m)^2, m*m*d] (concat) or [B, (g/m)^2, d] (avg)."""
+        bsz, n, d = x.shape
+        m, g = self.patch_merge, math.isqrt(n)
+        if lengths is not None or g * g != n or g % m:
+            raise ValueError(
+                f"patch_merge {m} needs a square patch grid whose side it divides and no "
+                f"padding; got {n} tokens per row"
+            )
+        x = x.view(bsz, g // m, m, g // m, m, d).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(bsz, (g // m) ** 2, m * m, d)
+        return x.reshape(bsz, (g // m) ** 2, m * m * d) if self.pool == "concat" else x.mean(2)
 
 
 class _QFormerBlock(nn.Module):
@@ -251,7 +285,9 @@ def build_projector(config: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Mo
         An :class:`MLPProjector` or :class:`QFormerProjector`.
     """
     if config.type == "mlp":
-        return MLPProjector(in_dim, out_dim, config.hidden_dim, config.stride, config.pool)
+        return MLPProjector(
+            in_dim, out_dim, config.hidden_dim, config.stride, config.pool, config.patch_merge
+        )
     if config.type == "qformer":
         return QFormerProjector(
             in_dim,

@@ -1,4 +1,4 @@
-"""Tests for commit_mllm.pretrain: tiny pretrained parts, cache, determinism, loading."""
+"""Tests for commit_mllm.parts (tiny parts): cache, determinism, loading, progress."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from commit_mllm.models import (
     ProjectorConfig,
     VisionEncoderConfig,
 )
-from commit_mllm.pretrain import (
+from commit_mllm.parts import (
     AUDIO_HEADS,
     VISION_HEADS,
     PretrainSettings,
@@ -51,12 +51,14 @@ class Log:
         return any("step" in line for line in self.lines)
 
 
+VQA_LOG = Log()
+
+
 @pytest.fixture(scope="module")
 def vqa_parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    log = Log()
-    folder = prepare_tiny_parts("easy-vqa", cache_dir=root, steps_scale=SCALE, log=log)
-    assert log.trained()
+    folder = prepare_tiny_parts("easy-vqa", cache_dir=root, steps_scale=SCALE, log=VQA_LOG)
+    assert VQA_LOG.trained()
     return root, folder
 
 
@@ -207,3 +209,77 @@ def test_linear_probe_separates_and_guesses():
 def test_unknown_task(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         prepare_tiny_parts("nope", cache_dir=tmp_path)
+
+
+def test_cache_key_is_the_sha256_of_settings_and_versions():
+    """Folders built before the parts subpackage existed keep their key (no silent rebuild)."""
+    import hashlib
+    from dataclasses import asdict
+
+    import transformers
+
+    import commit_mllm
+
+    blob = json.dumps(
+        {
+            "settings": asdict(PretrainSettings()),
+            "versions": {
+                "commit_mllm": commit_mllm.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+        },
+        sort_keys=True,
+    )
+    assert cache_key(PretrainSettings()) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def test_every_phase_says_what_and_how_long(vqa_parts):
+    root, folder = vqa_parts
+    lines = VQA_LOG.lines
+    assert "building the tiny easy-vqa parts" in lines[0] and "(~45 s" in lines[0]
+    announced = [line for line in lines if "(usually" in line]
+    phases = ["tokenizer", "tiny LLM", "vision encoder", "linear probes"]
+    for name in phases:
+        assert any(name in line for line in announced), (name, lines)
+    assert sum("done in" in line for line in lines) == len(phases)
+    log = Log()
+    prepare_tiny_parts("easy-vqa", cache_dir=root, steps_scale=SCALE, log=log)
+    assert log.lines == [f"[prepare] using cached tiny parts {folder}"]
+
+
+def test_phase_prints_a_bar_on_stderr(capsys):
+    from commit_mllm.parts.progress import phase, stderr_say
+
+    with phase(stderr_say, "counting", "~1 s", total=3) as bar:
+        for _ in range(3):
+            bar.update()
+    err = capsys.readouterr().err
+    assert "[prepare] counting (usually ~1 s)" in err
+    assert "3/3" in err and "[prepare] counting: done in" in err
+    with phase(None, "silent", total=3) as bar:
+        bar.update()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failed_build_leaves_no_folder(tmp_path, monkeypatch):
+    from commit_mllm.parts import tiny
+
+    def boom(*_args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(tiny, "pretrain_vision", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare_tiny_parts("easy-vqa", cache_dir=tmp_path, steps_scale=SCALE, log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    from commit_mllm.parts.cache import remove_stale_temps
+
+    old, new, keep = tmp_path / ".tmp-x-1", tmp_path / ".tmp-y-2", tmp_path / "easy-vqa-k"
+    for p in (old, new, keep):
+        p.mkdir()
+    os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    assert remove_stale_temps(tmp_path) == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-y-2", "easy-vqa-k"]

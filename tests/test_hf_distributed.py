@@ -1,0 +1,348 @@
+"""CoMMITTrainer on several processes (DDP) and under DeepSpeed ZeRO, on CPU (gloo).
+
+Every rank measures its own micro-batch and the KL sums are summed over ranks, so all ranks
+get the kappa of the global batch (and the same factors and rates). Under DeepSpeed the
+engine updates inside backward; CoMMIT must snapshot theta_t before that (a hook on the
+engine's step). Checked here for real: tiny LLaVA, 1 and 2 CPU processes (torchrun, and
+DeepSpeed's CPU accelerator), kappa / D_c / per-component norms and rates equal to the
+one-process run without DeepSpeed on the same global batches.
+
+This file is also the training script the tests launch: ``python -m torch.distributed.run
+--standalone --nproc_per_node 2 tests/test_hf_distributed.py --stage 2 --out result.json``
+(no ``--stage``: DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+STEPS, ROWS = 4, 4
+KEYS = (
+    "commit/kappa",
+    "commit/D/encoder",
+    "commit/D/llm",
+    "grad_norm/encoder",
+    "grad_norm/llm",
+    "update_norm/encoder",
+    "update_norm/llm",
+    "lr/encoder",
+    "lr/llm",
+    "commit/factor/llm",
+)
+
+
+def train(
+    out: str | None,
+    stage: int | None = None,
+    ga: int = 1,
+    launcher: str = "torchrun",
+    cuda: bool = False,
+    save_steps: int | None = None,
+    resume: str | None = None,
+):
+    """One run; every rank returns the CoMMIT history and a checksum of the weights.
+
+    Args:
+        out: Where rank 0 writes {"history", "weights"} as JSON (None: do not write).
+        stage: ZeRO stage, or None for no DeepSpeed.
+        ga: Gradient-accumulation steps.
+        launcher: ``torchrun`` (config passed in TrainingArguments) or ``accelerate``
+            (the DeepSpeed settings come from ``accelerate launch``).
+        cuda: Train on the GPU (nccl) instead of the CPU (gloo).
+        save_steps: Save a checkpoint every this many steps (None: no checkpoints).
+        resume: Checkpoint folder to resume from.
+    """
+    import torch
+    import transformers as T
+
+    from commit_mllm import CoMMITConfig
+    from commit_mllm.hf import CoMMITCallback, CoMMITTrainer, build_components
+    from test_hf import Batches, build, collate, make_batch
+
+    torch.set_num_threads(1)
+    T.logging.set_verbosity_error()
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    extra: dict = {}
+    if (stage is not None or launcher == "accelerate") and not cuda:
+        # accelerate picks no backend for DeepSpeed on a machine without GPUs: configure
+        # the state with gloo first, and let DeepSpeed's CPU accelerator skip its C++ op.
+        import deepspeed.comm.torch  # noqa: F401  (the module; its name is shadowed by torch)
+        from accelerate import PartialState
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        extra["accelerator_config"] = {"use_configured_state": True}
+    if stage is not None and launcher == "torchrun":
+        extra["deepspeed"] = {**DS_CONFIG, "zero_optimization": {"stage": stage}}
+    if stage is None and launcher == "torchrun" and not cuda:
+        extra["use_cpu"] = True
+    model = build("llava")
+    comps = build_components(model, lrs={"encoder": 2e-3})  # llm: args.learning_rate
+    batches = [make_batch("llava", model, rows=ROWS, seed=s) for s in range(STEPS * ga)]
+    if world > 1:  # accelerate hands item i to rank i % world: interleave the row slices
+        per = ROWS // world
+        batches = [
+            {k: v[r * per : (r + 1) * per] for k, v in b.items()}
+            for b in batches
+            for r in range(world)
+        ]
+    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1, gamma=0.3))
+    args = T.TrainingArguments(
+        output_dir=os.path.join(os.path.dirname(out or "."), "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=ga,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=[],
+        seed=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **extra,
+    )
+    trainer = CoMMITTrainer(
+        model=model,
+        args=args,
+        train_dataset=Batches(batches),
+        data_collator=collate,
+        callbacks=[cb],
+    )
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(batches)
+    trainer.train(resume_from_checkpoint=resume)
+    result = {
+        "history": [{k: h[k] for k in KEYS} for h in cb.history],
+        "weights": float(sum(p.detach().double().sum() for p in model.parameters())),
+        "deepspeed": trainer.is_deepspeed_enabled,
+        "world": trainer.accelerator.num_processes,
+    }
+    if out is not None and rank == 0:
+        Path(out).write_text(json.dumps(result))
+    return result
+
+
+# ---- the tests --------------------------------------------------------------------------------
+DS_CONFIG = {  # what docs/integrations.md shows
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+    "bf16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+def _launch(
+    tmp_path, world: int, *script_args: str, head: list[str] | None = None, out: str = "result"
+):
+    """Run this file as a script under torchrun (default) or the launcher in ``head``."""
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    out = tmp_path / f"{out}.json"
+    if head is None:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        head += ["--nproc_per_node", str(world)]
+    cmd = [*head, str(Path(__file__)), "--out", str(out), *script_args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.fixture(scope="module")
+def deepspeed():
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    if not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available here")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same run without DeepSpeed, in this process (one process, the global batch)."""
+    pytest.importorskip("transformers")
+    runs: dict[int, dict] = {}
+
+    def get(ga: int) -> dict:
+        if ga not in runs:
+            runs[ga] = train(None, None, ga)
+        return runs[ga]
+
+    return get
+
+
+def _assert_same(got: dict, ref: dict, world: int, deepspeed: bool = True, rel: float = 1e-4):
+    assert got["deepspeed"] == deepspeed and got["world"] == world
+    assert len(got["history"]) == len(ref["history"]) == STEPS
+    for t, (a, b) in enumerate(zip(got["history"], ref["history"])):
+        assert a["commit/D/encoder"] > 0 and a["commit/D/llm"] > 0, t
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-12), (t, key)
+    assert got["weights"] == pytest.approx(ref["weights"], rel=rel / 100)
+    assert got["history"][-1]["commit/factor/llm"] != 1.0
+
+
+@pytest.mark.slow  # the 2-process ZeRO-2 test below runs the same all-reduce by default
+def test_ddp_two_processes_equal_one(reference, tmp_path):
+    """Without the summed KL each rank had its own kappa, factors and rates (diverging)."""
+    done, got = _launch(tmp_path, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same(got, reference(1), 2, deepspeed=False)
+
+
+@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_zero2_equals_the_run_without_deepspeed(deepspeed, reference, tmp_path, world):
+    done, got = _launch(tmp_path, world, "--stage", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same(got, reference(1), world)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "ga"), [(1, 1), (0, 1), (2, 2)])
+def test_zero_stages_and_accumulation(deepspeed, reference, tmp_path, stage, ga):
+    done, got = _launch(tmp_path, 2 if stage else 1, "--stage", str(stage), "--ga", str(ga))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same(got, reference(ga), 2 if stage else 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["zero_stage", "config_file", "accelerate_yaml", "deepspeed"])
+def test_launchers_from_the_docs(deepspeed, reference, tmp_path, how):
+    """accelerate launch with a DeepSpeed config (the plugin comes from the launcher, not
+    from TrainingArguments), and the deepspeed launcher."""
+    (tmp_path / "ds_zero2.json").write_text(json.dumps(DS_CONFIG))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    world, script = 2, ["--launcher", "accelerate"]
+    if how == "zero_stage":
+        world, head = 1, [*accelerate, "--use_deepspeed", "--zero_stage", "2"]
+        head += ["--num_processes", "1", "--gradient_clipping", "1.0"]
+    elif how == "config_file":
+        head = [*accelerate, "--use_deepspeed", "--deepspeed_config_file", "ds_zero2.json"]
+        head += ["--num_processes", "2"]
+    elif how == "accelerate_yaml":
+        (tmp_path / "zero2.yaml").write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+            "deepspeed_config:\n  deepspeed_config_file: ds_zero2.json\nnum_processes: 2\n"
+        )
+        head = [*accelerate, "--config_file", "zero2.yaml"]
+    else:  # DeepSpeed's own launcher, TrainingArguments(deepspeed=...)
+        head = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2"]
+        script = ["--stage", "2"]
+    done, got = _launch(tmp_path, world, *script, head=head)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same(got, reference(1), world)
+
+
+@pytest.mark.slow
+def test_zero2_resume_restores_the_balance_state(deepspeed, tmp_path):
+    """A DeepSpeed checkpoint resumes with its commit_state.pt (factors, window, step)."""
+    done, full = _launch(tmp_path, 2, "--stage", "2", "--save-steps", "2", out="full")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = tmp_path / "trainer" / "checkpoint-2"
+    assert (ckpt / "commit_state.pt").is_file()
+    done, resumed = _launch(tmp_path, 2, "--stage", "2", "--resume", str(ckpt), out="resumed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(resumed["history"]) == STEPS - 2
+    for a, b in zip(resumed["history"], full["history"][2:]):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-12), key
+    assert resumed["weights"] == pytest.approx(full["weights"], rel=1e-7)
+
+
+def test_zero3_is_refused_at_start(deepspeed, tmp_path):
+    import torch
+    import transformers as T
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from commit_mllm import CoMMITConfig
+    from commit_mllm.hf import CoMMITCallback, CoMMITTrainer, DeepSpeedSetupError
+    from commit_mllm.hf import build_components as components
+    from test_hf import Batches, build, collate, make_batch
+
+    model = build("llava")
+    before = [p.detach().clone() for p in model.parameters()]
+    environ = dict(os.environ)
+    try:
+        args = T.TrainingArguments(
+            output_dir=str(tmp_path / "z3"),
+            max_steps=2,
+            report_to=[],
+            remove_unused_columns=False,
+            deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1},
+        )
+        trainer = CoMMITTrainer(
+            model=model,
+            args=args,
+            train_dataset=Batches([make_batch("llava", model)]),
+            data_collator=collate,
+            callbacks=[CoMMITCallback(components(model), CoMMITConfig())],
+        )
+        with pytest.raises(DeepSpeedSetupError, match=r"ZeRO-3: .*stage 2") as err:
+            trainer.train()
+        assert "\n" not in str(err.value)
+    finally:  # DeepSpeed settings are process-global: later Trainers must not see them
+        from accelerate.state import AcceleratorState
+
+        unset_hf_deepspeed_config()
+        os.environ.clear()
+        os.environ.update(environ)  # the plugin sets ACCELERATE_USE_DEEPSPEED=true
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.gpu
+def test_zero2_on_gpu_equals_the_run_without_deepspeed(tmp_path):
+    """Opt-in (``-m gpu``): ZeRO-2 on one CUDA device (nccl) against the plain CUDA run."""
+    import torch
+
+    pytest.importorskip("deepspeed")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), str(HERE)])
+    results = {}
+    for name, extra in (("plain", ["--cuda"]), ("zero2", ["--stage", "2", "--cuda"])):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", "1", str(Path(__file__)), "--out", str(out), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = json.loads(out.read_text())
+    _assert_same(results["zero2"], results["plain"], 1, rel=1e-3)  # CUDA kernels' order
+
+
+def main() -> None:
+    """Script mode (what the tests launch)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, default=None)
+    parser.add_argument("--ga", type=int, default=1)
+    parser.add_argument("--launcher", default="torchrun", choices=["torchrun", "accelerate"])
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher's
+    ns = parser.parse_args()
+    train(ns.out, ns.stage, ns.ga, ns.launcher, ns.cuda, ns.save_steps, ns.resume)
+
+
+if __name__ == "__main__":
+    main()
