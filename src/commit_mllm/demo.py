@@ -157,8 +157,8 @@ def run_demo(
         "Tiny pretrained parts + a fresh projector, instruction-tuned once per strategy; "
         "kappa = D_llm / D_encoder is measured every step in every run. The parts are built "
         "on the first run (about a minute on 2 idle cores, several under load) and cached "
-        "in $COMMIT_MLLM_CACHE or ~/.cache/commit-mllm. Ctrl-C keeps a checkpoint every "
-        f"{demo_config(task, overrides).train.save_every} steps (then: --resume).\n"
+        "in $COMMIT_MLLM_CACHE or ~/.cache/commit-mllm. Ctrl-C stops a run after its "
+        "current step with a checkpoint; --resume continues from there.\n"
     )
     start = time.perf_counter()
     summaries, runs = [], []
