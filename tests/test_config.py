@@ -204,3 +204,23 @@ def test_validate_config_checks_local_folders_and_model_processor(tmp_path, caps
     cfg = load_config(TINY, [*base, f"model.processor={with_proc}"])
     check_local_files(cfg)
     assert not config_notes(cfg)
+
+
+def test_loaded_configs_hold_plain_python_values(tmp_path):
+    """No YAML text wrapper leaks out: config.yaml, resume checks and hashes see plain types."""
+    from commit_mllm.config import _Plain, to_dict
+
+    over = ["train.lr=1e-4", "model.mllm.llm.config={model_type: llama, rms_norm_eps: 1e-5}"]
+    over += ["data.question_types=[colour]", "train.component_lrs={llm: 2e-4}"]
+
+    def walk(value):
+        assert not isinstance(value, _Plain), value
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(to_dict(load_config(TINY, over)))
