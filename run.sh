@@ -14,7 +14,7 @@ PY="${PYTHON:-python3}"
 setup() {
   local started=$SECONDS
   if [ ! -x "$VENV/bin/python" ]; then
-    echo "run.sh: setting up $VENV (first run, ~1 min: CPU torch $TORCH, then the package)..." >&2
+    echo "run.sh: setting up $VENV (first run, 1-2 min: CPU torch $TORCH, then the package)..." >&2
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
   fi
@@ -24,7 +24,7 @@ setup() {
   local want
   want="$(cat pyproject.toml "$constraints" | cksum)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    [ -f "$stamp" ] && echo "run.sh: pyproject.toml changed; updating $VENV (~1 min)..." >&2
+    [ -f "$stamp" ] && echo "run.sh: pyproject.toml changed; updating $VENV (1-2 min)..." >&2
     "$VENV/bin/python" -m pip install -q "torch==$TORCH"
     "$VENV/bin/python" -m pip install -q -c "$constraints" -e ".[dev]"
     echo "$want" > "$stamp"
