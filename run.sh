@@ -12,7 +12,9 @@ TORCH="${COMMIT_TORCH:-2.13.0}"
 PY="${PYTHON:-python3}"
 
 setup() {
+  local started=$SECONDS
   if [ ! -x "$VENV/bin/python" ]; then
+    echo "run.sh: setting up $VENV (first run, 1-2 min: CPU torch $TORCH, then the package)..." >&2
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
   fi
@@ -22,9 +24,11 @@ setup() {
   local want
   want="$(cat pyproject.toml "$constraints" | cksum)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    [ -f "$stamp" ] && echo "run.sh: pyproject.toml changed; updating $VENV (1-2 min)..." >&2
     "$VENV/bin/python" -m pip install -q "torch==$TORCH"
     "$VENV/bin/python" -m pip install -q -c "$constraints" -e ".[dev]"
     echo "$want" > "$stamp"
+    echo "run.sh: $VENV ready ($((SECONDS - started)) s)" >&2
   fi
 }
 

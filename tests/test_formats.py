@@ -14,6 +14,7 @@ import soundfile as sf
 from PIL import Image
 
 from commit_mllm.data import load_llava, write_wav
+from commit_mllm.evaluation import normalize_answer
 from commit_mllm.formats import FORMATS, FormatError, convert, format_modality, load_format
 from commit_mllm.formats.clothoaqa import majority
 
@@ -129,6 +130,50 @@ def test_aokvqa_rows_mc_and_direct_answer(paper):
     assert da[0]["question_type"] == "direct_answer" and da[0]["meta"]["format"] == "aokvqa-da"
 
 
+def _published_aokvqa(paper, tmp_path) -> Path:
+    """The A-OKVQA README's layout: datasets/aokvqa/*.json beside datasets/coco/val2017/."""
+    datasets = tmp_path / "datasets"
+    (datasets / "aokvqa").mkdir(parents=True)
+    shutil.copy(paper["root"] / "aokvqa" / "aokvqa_v1p0_val.json", datasets / "aokvqa")
+    (datasets / "aokvqa" / "aokvqa_v1p0_test.json").write_text("[]")
+    shutil.copytree(paper["coco"], datasets / "coco")
+    return datasets
+
+
+@pytest.mark.parametrize("src", ["datasets", "datasets/aokvqa", "datasets/aokvqa/file"])
+def test_aokvqa_reads_the_published_datasets_layout(paper, tmp_path, src):
+    datasets = _published_aokvqa(paper, tmp_path)
+    path = {
+        "datasets": datasets,
+        "datasets/aokvqa": datasets / "aokvqa",
+        "datasets/aokvqa/file": datasets / "aokvqa" / "aokvqa_v1p0_val.json",
+    }[src]
+    rows = load_format("aokvqa", path, "val")  # no media_root: COCO is found beside it
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    assert rows[0]["image"] == str(datasets / "coco" / "val2017" / "000000000001.jpg")
+
+
+def test_aokvqa_coco_dir_option_and_images_in_one_folder(paper, tmp_path, capsys):
+    from commit_mllm.cli import main
+
+    datasets = _published_aokvqa(paper, tmp_path)
+    elsewhere = tmp_path / "mscoco"
+    shutil.move(datasets / "coco", elsewhere)
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(FormatError, match=r"COCO val2017 image \(pass --coco-dir\) folder not"):
+        load_format("aokvqa", datasets, "val")
+    args = ["convert", "--format", "aokvqa", str(datasets), str(out), "--split", "val"]
+    assert main([*args, "--coco-dir", str(elsewhere)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[1]["image"] == str(elsewhere / "val2017" / "000000000002.jpg")
+    # --coco-dir may also be the image folder itself.
+    assert main([*args, "--coco-dir", str(elsewhere / "val2017")]) == 0
+    assert main([*args, "--coco-dir", str(elsewhere), "--media-root", str(tmp_path)]) == 2
+    assert "give --coco-dir or --media-root, not both" in capsys.readouterr().err
+    with pytest.raises(FormatError, match=r"the test split has no answers"):
+        load_format("aokvqa", datasets, "test", media_root=elsewhere)
+
+
 def test_clothoaqa_rows(paper):
     rows = load_format("clothoaqa", paper["root"] / "clothoaqa", "test")
     assert [r["id"] for r in rows] == ["rain.wav#0", "rain.wav#1", "street.wav#0"]
@@ -196,6 +241,27 @@ def test_sdd_rows_from_mp3(paper):
 
     audio = load_audio(rows[0]["audio"])
     assert audio.dtype == np.float32 and 0.4 * 16_000 < len(audio) < 0.7 * 16_000
+
+
+def test_sdd_path_column_as_published_finds_the_2min_excerpts(paper):
+    # The CSV says MTG-Jamendo's 00/1000.mp3; the archive holds audio/00/1000.2min.mp3.
+    csv = (paper["root"] / "sdd" / "song_describer.csv").read_text()
+    assert ",00/1000.mp3," in csv
+    rows = load_format("sdd", paper["root"] / "sdd", "all")
+    assert [Path(r["audio"]).name for r in rows] == ["1000.2min.mp3", "2301.2min.mp3"]
+
+
+def test_sdd_audio_unzipped_into_audio_audio_and_exact_path_names(paper):
+    sdd = paper["root"] / "sdd"
+    shutil.move(sdd / "audio", sdd / "tmp")
+    (sdd / "audio").mkdir()
+    shutil.move(sdd / "tmp", sdd / "audio" / "audio")
+    rows = load_format("sdd", sdd, "all")
+    assert rows[0]["audio"].endswith("audio/audio/00/1000.2min.mp3")
+    # A CSV whose path column already names the excerpt is read as written.
+    csv = sdd / "song_describer.csv"
+    csv.write_text(csv.read_text().replace("00/1000.mp3", "00/1000.2min.mp3"))
+    assert load_format("sdd", sdd, "all")[0]["audio"].endswith("00/1000.2min.mp3")
 
 
 def test_sdd_without_path_column_uses_the_published_folders(paper):
@@ -373,7 +439,7 @@ def test_iconqa_layout_errors(paper, case):
 def _aokvqa_errors(root: Path, coco: Path):
     ann = root / "aokvqa" / "aokvqa_v1p0_val.json"
     return [
-        ("split", lambda: None, "test", r"A-OKVQA: unknown split 'test'"),
+        ("split", lambda: None, "dev", r"A-OKVQA: unknown split 'dev' \(use train, val\)"),
         ("missing", ann.unlink, "val", r"annotation file '.*aokvqa_v1p0_val.json' not found"),
         ("not list", lambda: ann.write_text("{}"), "val", r"must be a JSON list of questions"),
         (
@@ -398,7 +464,7 @@ def _aokvqa_errors(root: Path, coco: Path):
             "no image",
             (coco / "val2017" / "000000000002.jpg").unlink,
             "val",
-            r"000000000002.jpg' not found .*pass the COCO folder as media_root",
+            r"000000000002.jpg' not found .*pass the COCO folder as --coco-dir / media_root",
         ),
     ]
 
@@ -510,7 +576,8 @@ def _sdd_errors(root: Path):
             "no audio",
             (root / "sdd" / "audio" / "01" / "2301.2min.mp3").unlink,
             "all",
-            r"song_describer.csv track 2301: SongDescriber media file '.*2301.2min.mp3' not found",
+            r"song_describer.csv track 2301: SongDescriber media file not found \(looked at "
+            r"'.*01/2301.mp3', '.*01/2301.2min.mp3'; expected audio/<NN>/<track_id>.2min.mp3",
         ),
     ]
 
@@ -567,6 +634,9 @@ def test_run_convert_and_run_eval(paper, tmp_path, capsys):
 
     summary = run_eval(config, tmp_path / "run", out_dir=tmp_path / "eval")
     assert summary["n"] == 3 and 0.0 <= summary["accuracy"] <= 1.0
+    items = [json.loads(x) for x in (tmp_path / "eval" / "predictions_textvqa.jsonl").open()]
+    exact = [normalize_answer(i["prediction"]) == normalize_answer(i["answer"]) for i in items]
+    assert summary["exact_match"] == sum(exact) / 3
     lines = (tmp_path / "eval" / "predictions_textvqa.jsonl").read_text().splitlines()
     items = [json.loads(line) for line in lines]
     assert [i["id"] for i in items] == ["100", "101", "102"]
@@ -588,6 +658,20 @@ def test_run_convert_and_run_eval(paper, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_trainable(fresh, tmp_path / "eval")
     assert read_converted(converted)[0] == "textvqa"
+
+
+def test_run_eval_reads_a_dataset_folder_with_data_format(paper, tmp_path):
+    from commit_mllm.paper_eval import run_eval
+
+    converted = tmp_path / "tv.jsonl"
+    convert("textvqa", paper["root"] / "textvqa", converted, split="val")
+    config = _tiny_config(tmp_path, converted)
+    src = paper["root"] / "textvqa"
+    over = ["data.format=textvqa", f"data.train_file={src}", "data.eval_file=null"]
+    over += ["data.eval_split=val"]
+    summary = run_eval(config, overrides=over, out_dir=tmp_path / "e", log=lambda _: None)
+    assert summary["n"] == 3 and 0.0 <= summary["exact_match"] <= 1.0 and "accuracy" in summary
+    assert json.loads((tmp_path / "e" / "eval_textvqa.json").read_text())["metric"] == "textvqa"
 
 
 def test_read_converted_errors(tmp_path):

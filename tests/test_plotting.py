@@ -183,16 +183,19 @@ def test_compare_table_hand_computed(tmp_path):
     )  # fmt: skip
     table = compare_table([a, c, b]).splitlines()
     assert table[0] == (
-        "| label | n | final loss | accuracy | accuracy/colour | accuracy/shape "
-        "| mean κ (geo) | final state | seconds |"
+        "| label | n | final loss (CE) | accuracy | accuracy/colour | accuracy/shape "
+        "| mean κ (geo) | steps per state | final state | seconds |"
     )
     # std: sample std (ddof=1): stdev(1, 2) = 0.7071; kappa: exp(mean(0, ln 4)) = 2,
     # geometric std factor exp(stdev(0, ln 4)) = exp(0.9803) = 2.665; state tie -> first seen.
     assert table[2] == (
         "| constant | 2 | 1.5000 ± 0.7071 | 0.6000 ± 0.1414 | 0.5000 ± 0.1414 | 0.6000 "
-        "| 2 ×/÷ 2.67 | balanced (1/2) | 15.0 ± 7.1 |"
+        "| 2 ×/÷ 2.67 | — | balanced (1/2) | 15.0 ± 7.1 |"
     )
-    assert table[3] == "| commit | 1 | 0.5000 | 0.9000 | 0.8000 | — | 4 | biased-to-llm (1/1) | — |"
+    assert table[3] == (
+        "| commit | 1 | 0.5000 | 0.9000 | 0.8000 | — | 4 | biased-to-llm 100% "
+        "| biased-to-llm (1/1) | — |"
+    )
     # Labels override the strategy, in order of first appearance.
     relabelled = compare_table([a, b, c], labels=["y", "x", "y"]).splitlines()
     assert [row.split(" | ")[0] for row in relabelled[2:]] == ["| y", "| x"]
@@ -254,3 +257,95 @@ def test_moving_average_and_normalized():
     values[:6] = 2.0  # the first 5% of the steps (0..4.95) -> reference mean 2
     np.testing.assert_allclose(normalized(steps, values)[[0, 50]], [1.0, 2.0])
     assert normalized(steps, np.zeros(100)) is None
+
+
+def _states_run(root, name, states, strategy="x"):
+    run_dir = root / name
+    run_dir.mkdir()
+    recs = [{"step": i, "loss": 1.0, "ce": 1.0, "state": st} for i, st in enumerate(states)]
+    write_jsonl(run_dir / "metrics.jsonl", recs)
+    (run_dir / "summary.json").write_text(json.dumps({"strategy": strategy}))
+    return run_dir
+
+
+def test_state_shares_in_summaries_and_tables(tmp_path):
+    # A run biased for 80% of its steps and balanced at the end reads as such, not "balanced".
+    one = _states_run(tmp_path, "one", [*["biased-to-llm"] * 4, "balanced"])
+    two = _states_run(tmp_path, "two", ["balanced", "balanced"])
+    (s1,) = summarize_runs([one])
+    assert s1["state_shares"] == {"biased-to-llm": 0.8, "balanced": 0.2}
+    assert s1["final_state"] == "balanced"
+    row = compare_table([one, two]).splitlines()[2]
+    # Mean over the two runs: balanced (0.2 + 1) / 2 = 0.6, biased-to-llm (0.8 + 0) / 2 = 0.4.
+    assert "| balanced 60%, biased-to-llm 40% | balanced (2/2) |" in row
+
+
+class _Figures:
+    """Capture the figures the plot functions save (their axes are the assertion)."""
+
+    def __init__(self, monkeypatch):
+        import commit_mllm.plotting as plotting
+
+        self.saved = {}
+        monkeypatch.setattr(
+            plotting, "_save", lambda fig, path: self.saved.update({path.name: fig})
+        )
+
+
+def test_loss_plot_is_the_ce_with_the_regularizer_term_apart(tmp_path, monkeypatch):
+    figs = _Figures(monkeypatch)
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    # An older run: "loss" was CE + aux; the plot must show the CE.
+    recs = [
+        {"step": t, "loss": 4.0 - 0.5, "ce": 4.0, "aux_loss": -0.5, "kappa": 2.0}
+        | {"state": "balanced" if t >= 2 else "warming_up"}
+        for t in range(10)
+    ]
+    write_jsonl(run_dir / "metrics.jsonl", recs)
+    run = load_run(run_dir)
+    assert list(run.loss_series()[1]) == [4.0] * 10
+    assert list(run.aux_series()[1]) == [-0.5] * 10
+    plot_run(run_dir)
+    loss_axes = figs.saved["loss.png"].axes
+    assert [ax.get_ylabel() for ax in loss_axes] == [
+        "training loss (cross-entropy)",
+        "regularizer term",
+    ]
+    assert all(float(y) == 4.0 for line in loss_axes[0].get_lines() for y in line.get_ydata())
+    title = figs.saved["kappa.png"].axes[0].get_title()
+    assert "states: balanced 80%, warming_up 20%; final balanced" in title
+    plot_compare([run_dir], tmp_path / "cmp")
+    titles = [ax.get_title() for ax in figs.saved["compare_loss.png"].axes]
+    assert titles == ["training loss (cross-entropy)", "regularizer term"]
+    # Without the regularizer (aux 0): one panel, the CE.
+    write_jsonl(run_dir / "metrics.jsonl", [{**r, "aux_loss": 0.0, "loss": 4.0} for r in recs])
+    plot_run(run_dir)
+    assert len(figs.saved["loss.png"].axes) == 1
+
+
+def test_trainer_records_loss_as_the_ce(tmp_path):
+    from commit_mllm.config import load_config
+    from commit_mllm.tracking import read_jsonl
+    from commit_mllm.trainer import train
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    over = [f"run.output_dir={tmp_path}", "run.progress=false", "run.tensorboard=false"]
+    over += ["train.steps=3", "train.save_every=0", "commit.alpha=0.5", "commit.window=1"]
+    summary = train(load_config(tiny, over), log=lambda _: None)
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(r["loss"] == r["ce"] for r in recs)
+    assert all(r["total_loss"] == pytest.approx(r["ce"] + r["aux_loss"]) for r in recs)
+    assert any(r["aux_loss"] != 0 for r in recs)  # the regularizer was on
+    assert summary["state_shares"] and abs(sum(summary["state_shares"].values()) - 1) < 1e-9
+
+
+def test_describe_states_never_hides_a_state_seen():
+    from commit_mllm.diagnostics import describe_states, state_shares
+
+    shares = state_shares(["balanced"] * 999 + ["biased-to-encoder"])
+    assert (
+        describe_states(shares, "balanced")
+        == "balanced 100%, biased-to-encoder <1%; final balanced"
+    )
+    assert describe_states({}) == "no states"

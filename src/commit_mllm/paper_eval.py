@@ -1,14 +1,23 @@
-"""Convert the paper's datasets and evaluate a trained checkpoint with each dataset's metric.
+"""Convert the paper's datasets, and evaluate a checkpoint on any run's data.
 
 The functions here take plain arguments (no argparse) so the CLI can wrap them::
 
-    commit-mllm convert textvqa /data/textvqa data/paper/textvqa_val.jsonl --split val
-    commit-mllm eval --config configs/paper/textvqa_llava15.yaml --checkpoint runs/x
+    commit-mllm convert --format textvqa /data/textvqa data/paper/textvqa_val.jsonl --split val
+    commit-mllm eval --config my_run.yaml --checkpoint runs/x --eval-file data/val.json
 
 :func:`run_eval` builds the run's model from its config, loads the trainable weights of a
-checkpoint, greedily generates an answer for every question of the converted evaluation
-file, scores them with :func:`commit_mllm.metrics.score_details`, writes per-question
-predictions and the summary to the output folder, and prints a table.
+checkpoint, greedily generates an answer for every question of the evaluation set and
+scores it:
+
+- a LLaVA-style JSON list or JSONL file (what ``train`` reads): exact match after
+  normalization, overall and per ``question_type``;
+- rows that name a paper dataset in ``meta.format`` (files written by ``commit-mllm
+  convert``, or a dataset folder read with ``data.format``): that dataset's metric from
+  :func:`commit_mllm.metrics.score_details`, plus exact match;
+- no evaluation file and a built-in ``data.task``: the task's test split, exact match per
+  question type.
+
+It writes per-question predictions and the summary to the output folder and prints a table.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ __all__ = [
     "format_table",
     "load_trainable",
     "read_converted",
+    "read_eval_rows",
     "resolve_checkpoint",
     "run_convert",
     "run_eval",
@@ -63,8 +73,79 @@ def run_convert(
     return n
 
 
+def read_eval_rows(
+    path: str | os.PathLike,
+    data_format: str | None = None,
+    split: str = "val",
+    media_root: str | os.PathLike | None = None,
+) -> tuple[str | None, list[tuple[str, dict[str, Any]]]]:
+    """Rows of an evaluation set and the paper dataset they name, if any.
+
+    Args:
+        path: A LLaVA-style JSON list (``.json``) or JSONL (``.jsonl``) file, or with
+            ``data_format`` a dataset in its published layout (folder or annotation file).
+        data_format: ``data.format`` of the run (read ``path`` with that reader).
+        split: Split read with ``data_format``.
+        media_root: Media folder for ``data_format``.
+
+    Returns:
+        ``(format_name, [(location, row), ...])``; the format is None when no row names one
+        (plain rows: exact match only).
+
+    Raises:
+        FileNotFoundError: No such file.
+        DataFormatError: Not a JSON list / JSONL file, invalid JSON, no rows, rows that mix a
+            named format with plain rows or name several formats, or an unknown format.
+    """
+    from .data import DataFormatError, read_rows
+    from .formats import FORMATS
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation file not found: '{path}'")
+    if data_format is not None and (path.is_dir() or path.suffix.lower() not in _SUFFIXES):
+        from .formats import read_format
+
+        rows = read_format(data_format, path, split, media_root)
+        return data_format, [(f"{data_format} row {i}", r) for i, r in enumerate(rows)]
+    if path.is_dir() or path.suffix.lower() not in _SUFFIXES:
+        raise DataFormatError(
+            f"'{path}': expected a LLaVA-style JSON list (.json) or JSONL (.jsonl) file, as "
+            "'train' reads (a paper dataset's folder needs data.format, or convert it first "
+            "with 'commit-mllm convert')"
+        )
+    rows = list(read_rows(path))
+    if not rows:
+        raise DataFormatError(f"{path.name}: no rows")
+    named = {}
+    for where, row in rows:
+        meta = row.get("meta") if isinstance(row, dict) else None
+        named[where] = meta.get("format") if isinstance(meta, dict) else None
+    formats = sorted({f for f in named.values() if f is not None})
+    if not formats:
+        return None, rows
+    plain = [w for w, f in named.items() if f is None]
+    if plain:
+        raise DataFormatError(
+            f"{plain[0]}: no 'meta.format' while other rows name {formats[0]!r}; score one "
+            "kind of file at a time (converted rows, or plain rows for exact match)"
+        )
+    if len(formats) > 1:
+        raise DataFormatError(f"{path.name}: rows of several formats {formats}")
+    if formats[0] not in FORMATS:
+        where = next(w for w, f in named.items() if f == formats[0])
+        raise DataFormatError(
+            f"{where}: meta.format {formats[0]!r} is not a known dataset ({', '.join(FORMATS)}); "
+            "remove it to score by exact match"
+        )
+    return formats[0], rows
+
+
+_SUFFIXES = (".json", ".jsonl")
+
+
 def read_converted(path: str | os.PathLike) -> tuple[str, list[dict[str, Any]]]:
-    """Read a converted JSONL file and the dataset format its rows carry.
+    """Read a converted file (rows naming ``meta.format``) and the dataset format they carry.
 
     Args:
         path: A file written by :func:`run_convert`.
@@ -74,35 +155,18 @@ def read_converted(path: str | os.PathLike) -> tuple[str, list[dict[str, Any]]]:
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: A row without ``meta.format`` (not a converted file), mixed formats, or
-            an empty file.
+        DataFormatError: A row without ``meta.format`` (not a converted file), mixed formats,
+            or an empty file.
     """
     from .data import DataFormatError
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation file not found: '{path}'")
-    rows, formats = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{path.name} line {lineno}: invalid JSON ({exc.msg})") from None
-        fmt = row.get("meta", {}).get("format") if isinstance(row, dict) else None
-        if fmt is None:
-            raise DataFormatError(
-                f"{path.name} line {lineno}: no 'meta.format'; paper evaluation needs a file "
-                "written by 'commit-mllm convert'"
-            )
-        formats.add(fmt)
-        rows.append(row)
-    if not rows:
-        raise DataFormatError(f"{path.name}: no rows")
-    if len(formats) > 1:
-        raise DataFormatError(f"{path.name}: rows of several formats {sorted(formats)}")
-    return formats.pop(), rows
+    fmt, rows = read_eval_rows(path)
+    if fmt is None:
+        raise DataFormatError(
+            f"{rows[0][0]}: no 'meta.format'; paper evaluation needs a file written by "
+            "'commit-mllm convert'"
+        )
+    return fmt, [row for _, row in rows]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -162,13 +226,6 @@ def format_table(title: str, summary: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _samples(rows: list[dict], media_root: Path, max_samples: int | None) -> list[dict]:
-    from .data import validate_row
-
-    rows = rows if max_samples is None else rows[:max_samples]
-    return [validate_row(r, f"row {i}", media_root) for i, r in enumerate(rows)]
-
-
 def _autocast(precision: str, device: torch.device) -> Callable[[], Any]:
     if device.type != "cuda" or precision == "no":
         return contextlib.nullcontext
@@ -185,26 +242,30 @@ def run_eval(
     max_samples: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint on a converted paper dataset (``commit-mllm eval``).
+    """Evaluate a checkpoint on the run's evaluation data (``commit-mllm eval``).
 
     Args:
-        config_path: The run's YAML config (model, tokenizer, generation settings).
+        config_path: The run's YAML config (model, tokenizer, data, generation settings).
         checkpoint_dir: A checkpoint folder or a run folder (newest checkpoint). ``None``:
             the newest checkpoint of ``run.output_dir``, or the model as built (zero-shot)
             when the run has none.
         overrides: ``key=value`` config overrides.
         out_dir: Where predictions and the summary go (default
-            ``<run.output_dir>/paper_eval``).
-        eval_file: Converted JSONL to evaluate (default ``data.eval_file``).
-        max_samples: Evaluate only the first N questions (default: all).
+            ``<run.output_dir>/eval``).
+        eval_file: LLaVA-style JSON / JSONL file, or a dataset folder with ``data.format``
+            (default ``data.eval_file``; without one, a built-in task's test split).
+        max_samples: Evaluate only the first N samples (default: all of a file; a built-in
+            task's ``data.max_eval_samples``).
         log: Where progress lines and the table go.
 
     Returns:
-        The metric summary (also in ``<out_dir>/eval_<format>.json``).
+        The metric summary (also in ``<out_dir>/eval_<name>.json``): ``accuracy`` (exact
+        match) and ``accuracy/<question_type>`` for plain rows; the dataset's metrics plus
+        ``exact_match`` for rows naming a paper dataset; ``n``.
 
     Raises:
-        ValueError: No evaluation file, a non-converted file, or a checkpoint that does
-            not match the model.
+        ValueError: No evaluation data, a file that is not LLaVA-style JSON / JSONL, or a
+            checkpoint that does not match the model.
     """
     from .assembly import assemble
     from .config import load_config
@@ -212,26 +273,19 @@ def run_eval(
     from .metrics import score_details
 
     cfg = load_config(config_path, overrides)
-    path = eval_file or cfg.data.eval_file
-    if path is None:
-        raise ValueError("no evaluation file: set data.eval_file or pass eval_file")
-    fmt, rows = read_converted(path)
-    # Build the model without reading the training set: the eval file stands in for it.
-    cfg.data.task, cfg.data.train_file, cfg.data.eval_file = None, str(path), None
-    cfg.data.max_train_samples = 1
-    built = assemble(cfg, log=log)
+    name, fmt, samples, rows, source = _eval_set(cfg, eval_file, max_samples)
+    built = assemble(cfg, log=log, with_data=False)
     model = built.model
     ckpt = checkpoint_dir
     if ckpt is None and (Path(cfg.run.output_dir) / "checkpoints").is_dir():
         ckpt = cfg.run.output_dir
     loaded = load_trainable(model, ckpt) if ckpt is not None else None
     log(f"weights: {loaded if loaded is not None else 'as built (no checkpoint)'}")
-    media_root = Path(cfg.data.media_root) if cfg.data.media_root else Path(path).parent
-    samples = _samples(rows, media_root, max_samples)
+    log(f"evaluating {len(samples)} samples ({source}) by greedy generation")
     use_cuda = torch.cuda.is_available() and not cfg.train.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
     model.to(device)
-    _, preds = evaluate(
+    exact, preds = evaluate(
         model,
         built.collator,
         samples,
@@ -239,19 +293,67 @@ def run_eval(
         max_new_tokens=cfg.train.max_new_tokens,
         device=device,
         autocast=_autocast(cfg.train.mixed_precision, device),
+        progress=cfg.run.progress,
     )
-    summary, items = score_details(fmt, preds, rows)
-    out = Path(out_dir) if out_dir is not None else Path(cfg.run.output_dir) / "paper_eval"
-    _write(out, fmt, summary, items, {"checkpoint": str(loaded), "eval_file": str(path)})
-    log(format_table(f"{fmt}: {Path(path).name} ({summary['n']} questions)", summary))
-    log(f"predictions: {out / f'predictions_{fmt}.jsonl'}")
+    if fmt is not None:
+        summary, items = score_details(fmt, preds, rows)
+        summary["exact_match"] = exact["accuracy"]
+        title = f"{fmt}: {source} ({summary['n']} questions)"
+    else:
+        summary, items = exact, preds
+        title = f"exact match: {source} ({summary['n']} questions)"
+    out = Path(out_dir) if out_dir is not None else Path(cfg.run.output_dir) / "eval"
+    info = {"checkpoint": str(loaded), "eval_file": source, "metric": fmt or "exact_match"}
+    _write(out, name, summary, items, info)
+    log(format_table(title, summary))
+    log(f"predictions: {out / f'predictions_{name}.jsonl'}")
     return summary
 
 
-def _write(out: Path, fmt: str, summary: dict, items: list[dict], info: dict) -> None:
+def _eval_set(
+    cfg: Any, eval_file: str | os.PathLike | None, max_samples: int | None
+) -> tuple[str, str | None, list[dict], list[dict], str]:
+    """``(name, format, samples, rows, source)`` of the evaluation set a run names.
+
+    Raises:
+        ValueError: Neither an evaluation file nor a built-in task.
+    """
+    from .data import validate_row
+
+    d = cfg.data
+    path = eval_file or d.eval_file
+    if path is None and d.format is not None:  # the dataset's folder, its eval split
+        path = d.train_file
+    if path is None and d.task is not None:
+        from .tasks import load_task
+
+        limit = max_samples if max_samples is not None else d.max_eval_samples
+        kw = {"seed": cfg.run.seed, "question_types": d.question_types}
+        task = load_task(d.task, "test", max_samples=limit, **kw)
+        samples = [task[i] for i in range(len(task))]
+        return d.task, None, samples, samples, f"{d.task} test split"
+    if path is None:
+        raise ValueError(
+            "no evaluation data: set data.eval_file (or pass --eval-file) to a LLaVA-style "
+            "JSON / JSONL file"
+        )
+    media = Path(d.media_root) if d.media_root else None
+    fmt, located = read_eval_rows(path, d.format, d.eval_split, media)
+    located = located if max_samples is None else located[:max_samples]
+    root = media if media is not None else Path(path).parent
+    samples = [validate_row(row, where, root) for where, row in located]
+    rows = [row for _, row in located]
+    if fmt is not None:  # the metric's references are found by the samples' ids
+        for sample, row in zip(samples, rows):
+            row.setdefault("id", sample["id"])
+    name = fmt or Path(path).stem
+    return name, fmt, samples, rows, Path(path).name
+
+
+def _write(out: Path, name: str, summary: dict, items: list[dict], info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / f"predictions_{fmt}.jsonl").open("w", encoding="utf-8") as f:
+    with (out / f"predictions_{name}.jsonl").open("w", encoding="utf-8") as f:
         for item in items:
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    record = {"format": fmt, **info, "metrics": summary}
-    (out / f"eval_{fmt}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    record = {"format": info["metric"], **info, "metrics": summary}
+    (out / f"eval_{name}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")

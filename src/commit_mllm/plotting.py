@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .diagnostics import describe_states, state_shares
 from .tracking import RunFormatError, read_jsonl
 
 if TYPE_CHECKING:
@@ -150,6 +151,28 @@ class Run:
             for i, rec in enumerate(self.metrics)
             if rec.get("state")
         ]
+
+    def state_shares(self) -> dict[str, float]:
+        """Share of the logged steps spent in each balance state, largest first."""
+        return state_shares([st for _, st in self.states()])
+
+    def final_state(self) -> str | None:
+        """The balance state of the last logged step (None without states)."""
+        states = self.states()
+        return states[-1][1] if states else None
+
+    def loss_series(self) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and the training loss: the cross-entropy (``ce``), without the regularizer.
+
+        Runs that logged no ``ce`` fall back to ``loss``.
+        """
+        steps, ce = self.series("ce")
+        return (steps, ce) if steps.size else self.series("loss")
+
+    def aux_series(self) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and the auxiliary regularizer's term (``aux_loss``; empty when always 0)."""
+        steps, aux = self.series("aux_loss")
+        return (steps, aux) if steps.size and bool((aux != 0).any()) else (steps[:0], aux[:0])
 
 
 def _config_value(config: Mapping[str, Any] | None, section: str, key: str) -> Any:
@@ -372,12 +395,16 @@ def _state_colour(state: str, biased_order: dict[str, int]) -> str:
 
 
 def _shade_states(ax: Axes, run: Run) -> list:
-    """Shade contiguous stretches of the same balance state; return legend handles for them."""
+    """Shade contiguous stretches of the same balance state; return legend handles for them.
+
+    Each handle's label gives the state's share of the steps.
+    """
     from matplotlib.patches import Patch
 
     states = run.states()
     if not states:
         return []
+    shares = run.state_shares()
     order: dict[str, int] = {}
     seen: dict[str, str] = {}
     start, current = states[0]
@@ -388,7 +415,10 @@ def _shade_states(ax: Axes, run: Run) -> list:
             ax.axvspan(start, step, color=colour, alpha=0.12, lw=0)
             seen.setdefault(current, colour)
             start, current = step, state
-    return [Patch(color=c, alpha=0.3, label=f"state: {s}") for s, c in seen.items()]
+    return [
+        Patch(color=c, alpha=0.3, label=f"{s}: {100 * shares[s]:.0f}% of steps")
+        for s, c in seen.items()
+    ]
 
 
 def _legend(ax: Axes, extra: Sequence[Any] = (), **kw: Any) -> None:
@@ -452,8 +482,8 @@ def _plot_kappa(run: Run, path: Path, window: int) -> str | None:
     ax.set_yscale("log")
     _mark_collapse(ax, run)
     ax.set_xlabel("step")
-    final = run.states()[-1][1] if run.states() else "n/a"
-    ax.set_title(_run_title(run, f"multimodal balance coefficient (final state: {final})"))
+    summary = describe_states(run.state_shares(), run.final_state()) if run.states() else "n/a"
+    ax.set_title(_run_title(run, f"multimodal balance coefficient\nstates: {summary}"), fontsize=9)
     _legend(ax, states, loc="best", ncol=2)
     _save(fig, path)
     return None
@@ -498,20 +528,28 @@ def _plot_lr(run: Run, path: Path, window: int) -> str | None:
 
 
 def _plot_loss(run: Run, path: Path, window: int) -> str | None:
-    """Loss (raw, moving average, and CE if it differs) with eval accuracy on a second axis."""
-    steps, loss = run.series("loss")
+    """Loss = cross-entropy (raw and moving average) with eval accuracy on a second axis.
+
+    The auxiliary regularizer's term (``aux_loss``, an entropy bonus: negative) is drawn in
+    its own panel below when it is not zero, never added to the loss: a run with the
+    regularizer would otherwise look better than one without at the same cross-entropy.
+    """
+    steps, loss = run.loss_series()
     if not steps.size:
         return "no loss values"
-    fig, axes = _figure()
+    aux_steps, aux = run.aux_series()
+    two = bool(aux_steps.size)
+    fig, axes = _figure(
+        2 if two else 1,
+        1,
+        sharex=True,
+        size=(8.0, 6.0 if two else 4.5),
+        **({"gridspec_kw": {"height_ratios": [3, 1]}} if two else {}),
+    )
     ax = axes[0, 0]
-    ax.plot(steps, loss, color="C0", alpha=0.25, lw=0.8, label="loss")
-    ax.plot(steps, moving_average(loss, window), color="C0", lw=2, label=f"loss (MA {window})")
-    ce_steps, ce = run.series("ce")
-    # CE differs from the total loss only when the auxiliary regularizer is on.
-    if ce_steps.size and (ce.size != loss.size or float(abs(ce - loss).max()) > 1e-9):
-        ax.plot(ce_steps, moving_average(ce, window), color="C1", ls="--", label="ce (MA)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.plot(steps, loss, color="C0", alpha=0.25, lw=0.8, label="loss (CE)")
+    ax.plot(steps, moving_average(loss, window), color="C0", lw=2, label=f"loss (CE, MA {window})")
+    ax.set_ylabel("training loss (cross-entropy)")
     ax.set_title(_run_title(run, "loss and evaluation accuracy"))
     handles = []
     ev_steps, acc = run.eval_series("accuracy")
@@ -525,6 +563,14 @@ def _plot_loss(run: Run, path: Path, window: int) -> str | None:
         acc_ax.set_ylabel("accuracy")
         handles = acc_ax.get_legend_handles_labels()[0]
     _legend(ax, handles, loc="best")
+    if two:
+        aux_ax = axes[1, 0]
+        aux_ax.plot(aux_steps, aux, color="C1", alpha=0.25, lw=0.8)
+        aux_ax.plot(aux_steps, moving_average(aux, window), color="C1", lw=2, label="aux_loss (MA)")
+        aux_ax.axhline(0.0, color="k", lw=0.8)
+        aux_ax.set_ylabel("regularizer term")
+        _legend(aux_ax, loc="best")
+    axes[-1, 0].set_xlabel("step")
     _save(fig, path)
     return None
 
@@ -613,8 +659,10 @@ def plot_run(
     """Draw the diagnostics of one run as PNGs.
 
     Files: ``kappa.png`` (raw kappa and kappa_bar, log axis, kappa = 1 line, balance states
-    shaded), ``lr.png`` (learning rate, and CoMMIT factor, per component), ``loss.png``
-    (loss, its moving average, eval accuracy on a second axis), ``grad_norms.png``
+    shaded, the share of steps per state and the final state in the title), ``lr.png``
+    (learning rate, and CoMMIT factor, per component), ``loss.png`` (the cross-entropy
+    loss, its moving average, eval accuracy on a second axis, the regularizer's term in a
+    panel of its own when it is on), ``grad_norms.png``
     (gradient norm per component over its mean in the first 5% of steps) and ``D.png``
     (D_c per component, log axis). A plot without data is skipped, logged and listed in
     the result's ``skipped``.
@@ -679,26 +727,40 @@ def _compare_kappa(groups: Groups, path: Path, window: int) -> str | None:
 
 
 def _compare_loss(groups: Groups, path: Path, window: int) -> str | None:
-    """Smoothed loss per label with a seed band; eval accuracy beside it when logged."""
-    has_eval = any(r.eval_series()[0].size for runs in groups.values() for r in runs)
-    fig, axes = _figure(1, 2 if has_eval else 1, size=(12.0 if has_eval else 8.0, 4.5))
+    """Smoothed CE loss per label with a seed band; the regularizer's term and eval beside it.
+
+    Panels: the cross-entropy loss; the auxiliary term (``aux_loss``) when a run has one, so
+    it never hides inside the loss; evaluation accuracy when logged.
+    """
+    all_runs = [r for runs in groups.values() for r in runs]
+    has_aux = any(r.aux_series()[0].size for r in all_runs)
+    has_eval = any(r.eval_series()[0].size for r in all_runs)
+    panels = ["loss", *(["aux"] if has_aux else []), *(["eval"] if has_eval else [])]
+    fig, axes = _figure(1, len(panels), size=(6.0 * len(panels) if len(panels) > 1 else 8.0, 4.5))
+    ax = {name: axes[0, k] for k, name in enumerate(panels)}
     drawn = 0
     for i, (label, runs) in enumerate(groups.items()):
-        traces = [(s, moving_average(v, window)) for s, v in (r.series("loss") for r in runs)]
-        traces = [t for t in traces if t[0].size]
-        if traces:
-            _draw_band(axes[0, 0], traces, f"C{i}", label)
-            drawn += 1
+        series = {"loss": [r.loss_series() for r in runs], "aux": [r.aux_series() for r in runs]}
+        for name in ("loss", "aux"):
+            traces = [(st, moving_average(v, window)) for st, v in series[name] if st.size]
+            if traces and name in ax:
+                _draw_band(ax[name], traces, f"C{i}", label)
+                drawn += name == "loss"
         evals = [t for t in (r.eval_series() for r in runs) if t[0].size]
         if has_eval and evals:
-            _draw_band(axes[0, 1], evals, f"C{i}", label)
+            _draw_band(ax["eval"], evals, f"C{i}", label)
     if not drawn:
         return "no run has loss values"
-    axes[0, 0].set(xlabel="step", ylabel=f"loss (MA {window})", title="training loss")
-    _legend(axes[0, 0])
+    ax["loss"].set(
+        xlabel="step", ylabel=f"loss (CE, MA {window})", title="training loss (cross-entropy)"
+    )
+    if has_aux:
+        ax["aux"].axhline(0.0, color="k", lw=0.8)
+        ax["aux"].set(xlabel="step", ylabel=f"aux_loss (MA {window})", title="regularizer term")
     if has_eval:
-        axes[0, 1].set(xlabel="step", ylabel="accuracy", title="evaluation accuracy")
-        _legend(axes[0, 1])
+        ax["eval"].set(xlabel="step", ylabel="accuracy", title="evaluation accuracy")
+    for a in ax.values():
+        _legend(a)
     _save(fig, path)
     return None
 
@@ -788,7 +850,8 @@ def plot_compare(
     """Overlay several runs, grouped by label (several seeds per label).
 
     Files: ``compare_kappa.png`` (kappa_bar per label, median over seeds, min-max band),
-    ``compare_loss.png`` (smoothed loss per label with seed band; eval accuracy beside it),
+    ``compare_loss.png`` (smoothed cross-entropy loss per label with seed band; eval
+    accuracy beside it),
     ``compare_grad_norms.png`` (normalized gradient norm per component, one subplot per
     label) and ``compare_lr.png`` (learning rate, one subplot per component, one line per
     label). A plot without data is skipped, logged and listed in ``skipped``.

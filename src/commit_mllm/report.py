@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .diagnostics import describe_states
 from .plotting import Run, group_runs, load_run, plot_compare
 
 __all__ = [
@@ -51,6 +52,11 @@ def _last(records: Sequence[Mapping[str, Any]], key: str) -> Any:
     return None
 
 
+def _loss_key(records: Sequence[Mapping[str, Any]]) -> str:
+    """``ce`` (the cross-entropy) when the run logged it, else ``loss`` (older runs)."""
+    return "ce" if any(r.get("ce") is not None for r in records) else "loss"
+
+
 def _pick(summary: Mapping[str, Any], key: str, fallback: Any) -> float | None:
     """``summary[key]`` as a number; the fallback when it is missing or null."""
     value = _number(summary.get(key))
@@ -65,10 +71,11 @@ def summarize_run(run: Run, label: str | None = None) -> dict[str, Any]:
         label: Group label; default the run's strategy.
 
     Returns:
-        Keys ``label``, ``strategy``, ``seed``, ``steps``, ``final_loss``, ``accuracy``,
-        ``accuracy/<type>``, ``mean_log_kappa``, ``mean_kappa`` (its exp: a geometric
-        mean), ``final_kappa_bar``, ``final_state``, ``seconds``, ``collapse_steps``,
-        ``run_dir``; a value that cannot be found is None.
+        Keys ``label``, ``strategy``, ``seed``, ``steps``, ``final_loss`` (cross-entropy,
+        without the regularizer's term), ``accuracy``, ``accuracy/<type>``,
+        ``mean_log_kappa``, ``mean_kappa`` (its exp: a geometric mean), ``final_kappa_bar``,
+        ``final_state``, ``state_shares`` (state -> share of the logged steps), ``seconds``,
+        ``collapse_steps``, ``run_dir``; a value that cannot be found is None.
     """
     s = run.summary
     last_eval = run.evals[-1] if run.evals else {}
@@ -80,7 +87,7 @@ def summarize_run(run: Run, label: str | None = None) -> dict[str, Any]:
         "strategy": run.strategy,
         "seed": run.seed,
         "steps": _pick(s, "steps", len(run.metrics) or None),
-        "final_loss": _pick(s, "final_loss", _last(run.metrics, "loss")),
+        "final_loss": _pick(s, "final_loss", _last(run.metrics, _loss_key(run.metrics))),
         "accuracy": _pick(s, "accuracy", last_eval.get("accuracy")),
     }
     types = [k for k in s if k.startswith("accuracy/")]
@@ -91,6 +98,8 @@ def summarize_run(run: Run, label: str | None = None) -> dict[str, Any]:
         mean_kappa=math.exp(mean_log_kappa) if mean_log_kappa is not None else None,
         final_kappa_bar=_pick(s, "final_kappa_bar", _last(run.metrics, "kappa_bar")),
         final_state=s.get("final_state") or _last(run.metrics, "state"),
+        # From the log (every step), not summary.json: older summaries lack it.
+        state_shares=run.state_shares() or dict(s.get("state_shares") or {}),
         seconds=_number(s.get("seconds")),
         collapse_steps=sum(1 for r in run.metrics if r.get("collapse") is True),
         run_dir=str(run.run_dir),
@@ -143,8 +152,9 @@ def aggregate_summaries(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str
         One dict per label: ``label``, ``n`` (runs), ``seeds``, ``run_dirs``, ``metrics``
         (key -> ``{"mean", "std", "n"}`` for the numeric fields and each accuracy type),
         ``kappa_geo_mean`` and ``kappa_geo_std`` (exp of the mean and std over seeds of
-        ``mean_log_kappa``), ``final_state`` (most common; ties go to the first seen) and
-        ``final_state_count``.
+        ``mean_log_kappa``), ``final_state`` (most common; ties go to the first seen),
+        ``final_state_count`` and ``state_shares`` (state -> mean share of steps over the
+        runs, largest first).
     """
     keys = [*_NUMERIC, *_accuracy_types(summaries)]
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -157,6 +167,10 @@ def aggregate_summaries(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str
         # Counter.most_common keeps insertion order among ties: the first seen state wins.
         states = Counter(m["final_state"] for m in members if m.get("final_state"))
         state, count = states.most_common(1)[0] if states else (None, 0)
+        shares: dict[str, float] = {}
+        for m in members:  # mean share over the runs (a state a run never had counts 0)
+            for st, share in (m.get("state_shares") or {}).items():
+                shares[st] = shares.get(st, 0.0) + share / len(members)
         out.append(
             {
                 "label": label,
@@ -168,6 +182,7 @@ def aggregate_summaries(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str
                 "kappa_geo_std": math.exp(logk["std"]) if logk["std"] is not None else None,
                 "final_state": state,
                 "final_state_count": count,
+                "state_shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
             }
         )
     return out
@@ -190,8 +205,8 @@ def format_table(aggregates: Sequence[Mapping[str, Any]]) -> str:
         The table (header, separator, one row per label), ending with a newline.
     """
     types = list(dict.fromkeys(k for a in aggregates for k in a["metrics"] if "/" in k))
-    header = ["label", "n", "final loss", "accuracy", *types, "mean κ (geo)"]
-    header += ["final state", "seconds"]
+    header = ["label", "n", "final loss (CE)", "accuracy", *types, "mean κ (geo)"]
+    header += ["steps per state", "final state", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for agg in aggregates:
         m = agg["metrics"]
@@ -210,6 +225,7 @@ def format_table(aggregates: Sequence[Mapping[str, Any]]) -> str:
             _fmt(m["accuracy"], ".4f"),
             *(_fmt(m[t], ".4f") if t in m else "—" for t in types),
             kappa,
+            describe_states(agg.get("state_shares") or {}) if agg.get("state_shares") else "—",
             state,
             _fmt(m["seconds"], ".1f"),
         ]
@@ -220,9 +236,10 @@ def format_table(aggregates: Sequence[Mapping[str, Any]]) -> str:
 def compare_table(run_dirs: Sequence[str | Path | Run], labels: Sequence[str] | None = None) -> str:
     """Markdown table comparing runs, one row per label, mean ± std over seeds.
 
-    Columns: label, n (runs), final loss, accuracy, accuracy per question type, mean kappa
-    (geometric, with its geometric std factor over seeds), final balance state (most
-    common, with its count), seconds. Rows follow the order of first appearance.
+    Columns: label, n (runs), final loss (cross-entropy), accuracy, accuracy per question
+    type, mean kappa (geometric, with its geometric std factor over seeds), the share of
+    steps per balance state (mean over seeds), the final balance state (most common, with
+    its count), seconds. Rows follow the order of first appearance.
 
     Args:
         run_dirs: Run folders (or loaded runs).
@@ -268,7 +285,10 @@ def write_compare_report(
     plots = plot_compare(runs, out, labels)
     groups = group_runs(runs, labels)
     md = [f"# Comparison: {len(runs)} runs, {len(groups)} labels", "", format_table(aggregates)]
-    md.append("Mean ± sample std over seeds; κ: geometric mean ×/÷ geometric std factor.\n")
+    md.append(
+        "Mean ± sample std over seeds; loss: cross-entropy (the regularizer's term apart); "
+        "κ: geometric mean ×/÷ geometric std factor; steps per state: mean share over seeds.\n"
+    )
     md.append("## Plots\n")
     md += [f"![{p.stem}]({p.name})\n" for p in plots]
     md += [f"- {name}: skipped ({why})" for name, why in plots.skipped.items()]

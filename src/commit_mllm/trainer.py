@@ -34,8 +34,9 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from .config import RunConfig, to_dict
+from .config import RunConfig, resolve_num_threads, to_dict
 from .coordinator import CoMMIT
+from .diagnostics import state_shares
 from .errors import NonFiniteError, Preempted
 from .evaluation import evaluate
 from .resume import find_checkpoint, restore
@@ -110,7 +111,9 @@ def train(
         opt.zero_grad(set_to_none=True)
         # ---- log -------------------------------------------------------------------------
         ce_mean, aux_mean = ce_sum / t.grad_accum, aux_sum / t.grad_accum
-        record = {"step": step, "loss": ce_mean + aux_mean, "ce": ce_mean, "aux_loss": aux_mean}
+        # "loss" is the CE everywhere (logs, plots, tables); the regularizer's term apart.
+        record = {"step": step, "loss": ce_mean, "ce": ce_mean, "aux_loss": aux_mean}
+        record["total_loss"] = ce_mean + aux_mean
         record["grad_norm"] = None if total_norm is None else float(total_norm)
         record.update(report.as_log())
         if step % t.log_every == 0 or step == t.steps - 1:
@@ -408,8 +411,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     from accelerate import Accelerator
 
     t = cfg.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    threads, why = resolve_num_threads(t.num_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     # cpu=True when there is no GPU: that is what makes torchrun start MULTI_CPU (gloo) ranks.
     cpu = t.cpu or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
@@ -419,6 +423,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     ckpt, state = find_checkpoint(run_dir, resume, to_dict(cfg), acc.num_processes, say, warn)
     parts = assemble(cfg, say)
     say(f"strategy: {cfg.commit.strategy}  device: {acc.device}  processes: {acc.num_processes}")
+    say(f"threads: {why}")
     say(parts.components.table())
     _check_trainable(parts.components, cfg.commit.strategy)
     if ckpt is not None:  # weights go in before any wrapper shards or replicates them
@@ -531,7 +536,8 @@ def summarize(
     """Run summary from metrics.jsonl and the final evaluation.
 
     ``final_loss`` is the mean CE over the last 10% of steps; ``mean_log_kappa`` the mean of
-    log kappa over every estimate; ``final_state`` the last balance state.
+    log kappa over every estimate; ``state_shares`` the share of steps per balance state;
+    ``final_state`` the last balance state.
     """
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "ce" in r]  # not skipped
     tail = recs[-max(1, len(recs) // 10) :] if recs else []
@@ -545,6 +551,7 @@ def summarize(
         "mean_log_kappa": sum(logk) / len(logk) if logk else None,
         "final_kappa_bar": last.get("kappa_bar"),
         "final_state": last.get("state"),
+        "state_shares": state_shares([r["state"] for r in recs if r.get("state")]),
         "seconds": seconds,
         "ms_per_step": 1000 * seconds / max(1, cfg.train.steps - start_step),
         "run_dir": str(run_dir),

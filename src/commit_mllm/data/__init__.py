@@ -24,6 +24,7 @@ from commit_mllm.data.llava_json import (
     DataFormatError,
     LlavaDataset,
     load_llava,
+    read_rows,
     save_llava_json,
     validate_row,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "load_image",
     "load_llava",
     "load_tokenizer",
+    "read_rows",
     "reference_answer",
     "resample",
     "save_llava_json",

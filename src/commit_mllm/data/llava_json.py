@@ -123,8 +123,15 @@ def validate_row(
     }
 
 
-def _read_rows(path: Path) -> Iterable[tuple[str, Any]]:
-    """Yield ``(location, parsed row)`` from a JSON list or a JSONL file."""
+def read_rows(path: Path) -> Iterable[tuple[str, Any]]:
+    """Yield ``(location, parsed row)`` from a JSON list or a JSONL file, unvalidated.
+
+    A ``.jsonl`` file is read line by line, anything else as one JSON list; the location
+    (``"data.jsonl line 7"``, ``"data.json row 3"``) is what error messages name.
+
+    Raises:
+        DataFormatError: Invalid JSON, or a JSON file whose top level is not a list.
+    """
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -209,7 +216,7 @@ def load_llava(
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: '{path}'")
         root_path = Path(root) if root is not None else path.parent
-        rows: Iterable[tuple[str, Any]] = _read_rows(path)
+        rows: Iterable[tuple[str, Any]] = read_rows(path)
     else:
         root_path = Path(root) if root is not None else None
         rows = ((f"dataset row {i}", dict(row)) for i, row in enumerate(source))

@@ -157,16 +157,16 @@ def require(row: Any, keys: Iterable[str], where: str, expected: str) -> None:
 
 
 def find_dir(root: Path, candidates: Sequence[str], dataset: str, what: str) -> Path:
-    """The first existing folder among ``root / c`` (``""`` = ``root`` itself).
+    """The first existing folder among ``root / c`` (``""`` = ``root`` itself; ``..`` allowed).
 
     Raises:
         FormatError: None exists; the message lists every place looked at.
     """
-    for name in candidates:
-        path = root / name if name else root
+    paths = [Path(os.path.normpath(root / name)) if name else root for name in candidates]
+    for path in paths:
         if path.is_dir():
             return path
-    looked = ", ".join(f"'{root / c if c else root}'" for c in candidates)
+    looked = ", ".join(f"'{p}'" for p in paths)
     raise FormatError(f"{dataset}: {what} folder not found (looked at {looked})")
 
 

@@ -1,10 +1,15 @@
 """Song Describer Dataset (Manco et al., 2023): crowd-sourced captions of music tracks.
 
-Published layout (``src`` is this folder or the CSV)::
+Published layout (Zenodo record 10072001; ``src`` is this folder or the CSV)::
 
     song_describer.csv     caption_id,track_id,caption,is_valid_subset,familiarity,
                            artist_id,album_id,path,duration,...
-    audio/<NN>/<track_id>.2min.mp3      (``path`` is relative to audio/; NN = track_id % 100)
+    audio/<NN>/<track_id>.2min.mp3      (NN = track_id % 100; some unzip to audio/audio/)
+
+The CSV's ``path`` column is MTG-Jamendo's path of the full track (``<NN>/<track_id>.mp3``)
+while the archive holds 2-minute excerpts named ``<track_id>.2min.mp3``: the reader looks
+for the ``path`` as written, then its ``.2min.mp3`` excerpt, then
+``<NN>/<track_id>.2min.mp3``.
 
 SDD ships a single evaluation split. ``test`` is a deterministic 10% of tracks (MD5 hash of
 the track id), ``train`` the rest, ``all`` every track; ``<split>/valid`` keeps only
@@ -20,7 +25,6 @@ from typing import Any
 
 from commit_mllm.formats import (
     FormatError,
-    check_media,
     check_split,
     find_dir,
     hash_split,
@@ -44,10 +48,30 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     )
 
 
-def _audio_path(row: dict[str, str], audio_dir: Path) -> Path:
-    """The track's MP3: the ``path`` column, else ``<track_id % 100:02d>/<id>.2min.mp3``."""
-    rel = row.get("path") or f"{int(row['track_id']) % 100:02d}/{row['track_id']}.2min.mp3"
-    return audio_dir / rel
+def _audio_path(row: dict[str, str], audio_dirs: list[Path], where: str) -> Path:
+    """The track's audio file (see the module docstring for the names tried).
+
+    Raises:
+        FormatError: None of the names exists; the message lists them.
+    """
+    track = row["track_id"]
+    names = []
+    rel = row.get("path")
+    if rel:
+        names.append(rel)
+        stem, dot, ext = rel.rpartition(".")
+        if dot and not stem.endswith(".2min"):
+            names.append(f"{stem}.2min.{ext}")  # the archive's excerpt
+    names.append(f"{int(track) % 100:02d}/{track}.2min.mp3")
+    tried = [folder / name for folder in audio_dirs for name in names]
+    for path in tried:
+        if path.is_file():
+            return path
+    looked = ", ".join(f"'{p}'" for p in dict.fromkeys(tried))
+    raise FormatError(
+        f"{where}: {DATASET} media file not found (looked at {looked}; expected "
+        "audio/<NN>/<track_id>.2min.mp3 as in the published archive)"
+    )
 
 
 def read(src: Path, split: str, media_root: Path | None) -> list[dict[str, Any]]:
@@ -67,7 +91,9 @@ def read(src: Path, split: str, media_root: Path | None) -> list[dict[str, Any]]
         raise FormatError(f"{DATASET}: unknown subset {subset!r} (use <split>/valid)")
     path = src if src.is_file() else src / "song_describer.csv"
     rows = _read_csv(path)
-    audio_dir = find_dir(media_root or path.parent, ["audio", "audio/audio", ""], DATASET, "audio")
+    base = media_root or path.parent
+    find_dir(base, ["audio", "audio/audio", ""], DATASET, "audio")  # names the places if none
+    audio_dirs = [d for d in (base / "audio" / "audio", base / "audio", base) if d.is_dir()]
     tracks: dict[str, list[dict[str, str]]] = {}
     for lineno, row in enumerate(rows, start=2):
         if not row["track_id"].isdigit() or not row["caption"]:
@@ -79,9 +105,7 @@ def read(src: Path, split: str, media_root: Path | None) -> list[dict[str, Any]]
     clips, extra = [], {}
     for track_id, group in tracks.items():
         where = f"{path.name} track {track_id}"
-        audio = check_media(
-            _audio_path(group[0], audio_dir), where, DATASET, "expected audio/<path column>"
-        )
+        audio = _audio_path(group[0], audio_dirs, where)
         clips.append((track_id, audio, [r["caption"] for r in group]))
         extra[track_id] = {"caption_ids": [r["caption_id"] for r in group]}
     return caption_rows(clips, name, "sdd", extra)

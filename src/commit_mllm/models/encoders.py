@@ -118,9 +118,11 @@ class VisionEncoder(nn.Module):
             keep = feature_layer % (n_layers + 1)  # hidden_states has n_layers + 1 entries
             hf_config.num_hidden_layers = keep
             self.feature_index = -1 if keep > 0 else 0
+        self.load_note: str | None = None
+        """One line on what loading left out on purpose (pruned layers), or None."""
         if name_or_path is not None:
-            self.model = cls.from_pretrained(
-                name_or_path, config=hf_config, dtype=_dtype(dtype), **kwargs
+            self.model, self.load_note = _load_pruned(
+                cls, name_or_path, hf_config, n_layers, feature_layer, dtype, kwargs
             )
         else:
             self.model = cls(hf_config, **kwargs)
@@ -155,6 +157,62 @@ class VisionEncoder(nn.Module):
         out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         feats = out.hidden_states[self.feature_index]
         return feats[:, self.n_prefix :] if self.drop_cls else feats
+
+
+def _load_pruned(
+    cls: type,
+    name_or_path: str,
+    hf_config: Any,
+    n_layers: int,
+    feature_layer: int,
+    dtype: str | torch.dtype | None,
+    kwargs: dict[str, Any],
+) -> tuple[nn.Module, str | None]:
+    """``from_pretrained`` with the weights of pruned layers skipped quietly.
+
+    transformers reports every checkpoint weight the model does not use as a warning table;
+    after pruning to ``feature_layer`` the dropped layers' weights are unused by design, so
+    the table would read as a failed load. It is replaced by one line; any other unused or
+    missing weight is still reported.
+
+    Returns:
+        The model and the line (None when nothing was left out).
+    """
+    import logging
+    import re
+
+    keep = hf_config.num_hidden_layers
+    report = logging.getLogger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)  # the table is summed up below instead
+
+    report.addFilter(no_report)
+    try:
+        model, info = cls.from_pretrained(
+            name_or_path, config=hf_config, dtype=_dtype(dtype), output_loading_info=True, **kwargs
+        )
+    finally:
+        report.removeFilter(no_report)
+    layer = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    pruned = [k for k in unexpected if (m := layer.search(k)) and int(m.group(1)) >= keep]
+    other = [k for k in unexpected if k not in pruned]
+    problems = [*other, *sorted(info.get("missing_keys") or ())]
+    if problems:
+        logging.getLogger(__name__).warning(
+            "%s: %d checkpoint weight(s) unused or missing besides the pruned layers: %s",
+            name_or_path,
+            len(problems),
+            ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""),
+        )
+    if not pruned:
+        return model, None
+    return model, (
+        f"vision encoder: layers {keep}..{n_layers - 1} of {name_or_path} are not built "
+        f"(feature_layer {feature_layer} reads layer {keep}); their {len(pruned)} weights "
+        "are skipped on purpose"
+    )
 
 
 def whisper_output_lengths(frame_lengths: torch.Tensor) -> torch.Tensor:
