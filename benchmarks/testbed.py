@@ -61,6 +61,7 @@ class Grid:
     ratios: tuple[float, ...] = (0.1, 1.0, 10.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int | None = None  # None = the config's
+    llm_lr: float | None = None  # None = the config's eta_llm
     text_only: bool = True
     curve_seeds: tuple[int, ...] = (0,)  # seeds evaluated during the run (learning curves)
     overrides: tuple[str, ...] = ()
@@ -102,7 +103,7 @@ def run_command(
 ) -> list[str]:
     """The ``commit-mllm train`` command line of one run."""
     cfg = config_path(grid, task, regime)
-    eta = llm_lr(cfg)
+    eta = grid.llm_lr or llm_lr(cfg)
     ovr = [
         f"run.output_dir={out}",
         f"run.seed={seed}",
@@ -376,7 +377,25 @@ def markdown(summary: dict[str, Any], grid: Grid, wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], tag: str) -> list[Path]:
+def update_docs(path: Path, tag: str, table: str) -> Path:
+    """Put ``table`` between ``<!-- testbed:TAG -->`` and ``<!-- /testbed:TAG -->`` in ``path``."""
+    start, end = f"<!-- testbed:{tag} -->", f"<!-- /testbed:{tag} -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: add the markers {start} and {end} where the table goes")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{table}{end}{tail}")
+    return path
+
+
+def docs_block(path: Path, tag: str) -> str:
+    """The generated block of ``path`` for ``tag`` (what :func:`update_docs` wrote)."""
+    start, end = f"<!-- testbed:{tag} -->", f"<!-- /testbed:{tag} -->"
+    return path.read_text().split(start, 1)[1].split(end, 1)[0].lstrip("\n")
+
+
+def plot(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path]:
     """Per (task, regime): accuracy vs ratio per strategy, and eval curves per ratio."""
     import matplotlib
 
@@ -422,7 +441,7 @@ def plot(rows: list[dict[str, Any]], tag: str) -> list[Path]:
         )
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        path = RESULTS / f"testbed-{tag}_{task}-{regime}.png"
+        path = out / f"testbed-{tag}_{task}-{regime}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -441,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds:
         grid.seeds = tuple(int(x) for x in args.seeds.split(","))
     grid.parts, grid.steps = args.parts or grid.parts, args.steps or grid.steps
+    grid.llm_lr = args.llm_lr or grid.llm_lr
     grid.text_only = not args.no_text_only
     grid.overrides = tuple(args.set)
     tag = args.tag or ("quick" if args.quick else f"{grid.parts}")
@@ -455,12 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
         "runs": [{k: v for k, v in r.items()} for r in rows],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"testbed-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"testbed-{tag}.md").write_text(markdown(summary, grid, wall))
-    plot(rows, tag)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"testbed-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"testbed-{tag}.md").write_text(markdown(summary, grid, wall))
+    plot(rows, tag, out)
     if args.headline:
         print(f"wrote {write_headline(headline(summary))}")
+    if args.docs:
+        print(f"wrote {update_docs(Path(args.docs), tag, markdown(summary, grid, wall))}")
     print(markdown(summary, grid, wall))
     failed = [r for r in rows if r.get("failed")]
     return 1 if failed else 0
@@ -476,12 +499,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ratios", help="comma-separated eta_enc / eta_llm ratios")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="steps of every run (default: the config's)")
+    p.add_argument("--llm-lr", type=float, help="eta_llm of every run (default: the config's)")
     p.add_argument("--no-text-only", action="store_true", help="skip the text-only baseline")
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for every run")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     p.add_argument("--tag", help="name of the results files and runs folder")
     p.add_argument("--runs", default=str(ROOT / "runs" / "testbed"), help="runs root")
     p.add_argument("--headline", action="store_true", help="write payoff to headline.json")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the results files")
+    p.add_argument("--docs", help="a Markdown file whose testbed:TAG block gets the tables")
     return p.parse_args(argv)
 
 
