@@ -174,6 +174,7 @@ class CoMMIT:
                 confidence=cfg.progress_confidence,
                 max_cut=cfg.progress_max_cut,
                 max_raise=cfg.progress_max_raise,
+                guard=cfg.progress_guard,
                 factor_caps=cfg.factor_caps,
             )
         else:

@@ -66,7 +66,11 @@ class EfficiencyController:
         max_cut: m_-; no factor goes below 1/m_-.
         max_raise: m_+; no factor goes above m_+.
         factor_caps: Tighter cap per component.
-        min_estimates: No adjustment before this many estimates.
+        min_estimates: No efficiency-driven adjustment before this many estimates.
+        guard: Cut a component whose smoothed output change exceeds ``guard`` times the
+            anchor's while its efficiency is below the anchor's (from the second estimate
+            on, no z-test: a pretrained encoder at a rate far too high is wrecked within
+            tens of steps); None turns the guard off.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class EfficiencyController:
         max_raise: float = 100.0,
         factor_caps: Mapping[str, float] | None = None,
         min_estimates: int = 5,
+        guard: float | None = 1.0,
     ):
         if anchor is not None and anchor not in names:
             raise ValueError(f"anchor component {anchor!r} is not trainable; components: {names}")
@@ -89,7 +94,7 @@ class EfficiencyController:
         self.names, self.anchor = list(names), anchor
         self.gamma, self.cut_gain = gamma, cut_gain
         self.horizon, self.confidence = horizon, confidence
-        self.min_estimates = min_estimates
+        self.min_estimates, self.guard = min_estimates, guard
         self.limits = {
             c: (
                 -math.log(min(max_cut, caps.get(c, max_cut))),
@@ -144,13 +149,36 @@ class EfficiencyController:
                 self.moments[c][k] += alpha * (v - self.moments[c][k])
         self.estimates += 1
         self.last_z = self._z_scores()
-        if not adjusting or self.estimates < self.min_estimates:
+        if not adjusting or self.estimates < 2:
             return
-        for c, z in self.last_z.items():
+        guard = self._guard() if self.guard is not None else {}
+        for c in self.names:
+            if c == self.anchor:
+                continue
+            z = self.last_z.get(c, 0.0)
             g = math.copysign(min(max((abs(z) - self.confidence) / 2.0, 0.0), 1.0), z)
+            if self.estimates < self.min_estimates:
+                g = 0.0
+            g = min(g, guard.get(c, 0.0)) if guard.get(c, 0.0) < 0 else g
             gain = (self.gamma if g > 0 else self.cut_gain) * max(1, steps)
             lo, hi = self.limits[c]
             self.log_f[c] = min(max(self.log_f[c] + gain * g, lo), hi)
+
+    def _guard(self) -> dict[str, float]:
+        """Component -> -g in [-1, 0) when it moves the output more than ``guard`` x the
+        anchor's while buying less per nat; 0 otherwise (see the module docstring)."""
+        if self.anchor is None:
+            return {}
+        ya = self.moments[self.anchor]["y"]
+        ea = self._stats(self.anchor)[0]
+        out = {}
+        for c in self.names:
+            yc = self.moments[c]["y"]
+            if c == self.anchor or ya <= 0 or yc <= self.guard * ya:
+                continue
+            if self._stats(c)[0] < ea:
+                out[c] = -min(1.0, math.log(yc / (self.guard * ya)) / math.log(10.0))
+        return out
 
     def _stats(self, c: str) -> tuple[float, float]:
         """(e_c, se_c^2) from the bias-corrected EMA moments (delta method)."""

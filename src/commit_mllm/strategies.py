@@ -83,6 +83,8 @@ class CoMMITConfig:
         progress_confidence: For ``progress``: dead zone of the efficiency z-score.
         progress_max_cut: For ``progress``: no factor goes below 1 / this.
         progress_max_raise: For ``progress``: no factor goes above this.
+        progress_guard: For ``progress``: cut a component that moves the output more than
+            this times the anchor while buying less per nat (None = off).
         progress_anchor: For ``progress``: the component whose rate is kept as set (None =
             ``llm_component``; ``"none"``: every component is steered on its own towards
             efficiency 1).
@@ -122,6 +124,7 @@ class CoMMITConfig:
     progress_confidence: float = 1.0
     progress_max_cut: float = 100.0
     progress_max_raise: float = 3.0
+    progress_guard: float | None = 1.0
     progress_anchor: str | None = None
 
     def __post_init__(self) -> None:
