@@ -165,8 +165,11 @@ class EfficiencyController:
             self.log_f[c] = min(max(self.log_f[c] + gain * g, lo), hi)
 
     def _guard(self) -> dict[str, float]:
-        """Component -> -g in [-1, 0) when it moves the output more than ``guard`` x the
-        anchor's while buying less per nat; 0 otherwise (see the module docstring)."""
+        """Component -> the guard's cut signal in [-1, 0).
+
+        A component gets one when it moves the output more than ``guard`` x the anchor does
+        while buying less held-out loss per nat; the signal grows with log of the excess.
+        """
         if self.anchor is None:
             return {}
         ya = self.moments[self.anchor]["y"]
