@@ -428,6 +428,8 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path
             )
             for ax, x in zip(axes[1:], ratios):
                 curves = [r["eval_curve"] for r in rs if r["strategy"] == s and r["ratio"] == x]
+                longest = max((len(c) for c in curves), default=0)
+                curves = [c for c in curves if len(c) == longest]  # the curve seeds only
                 if curves and curves[0]:
                     steps = [p[0] for p in curves[0]]
                     mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
