@@ -11,16 +11,26 @@ change that lowers the held-out loss most (to second order).
 
 Rule, per estimate (K = steps since the previous estimate):
 
-    x_c = EMA_h(-dL_c),  y_c = EMA_h(D_c)          smoothed over ``horizon`` h steps
+    x_c = EMA_h(-dL_c / S), y_c = EMA_h(D_c / S)   S = sum_c D_c of the estimate;
+                                                    smoothed over ``horizon`` h steps
     e_c = x_c / y_c,     se_c^2 = delta-method variance of the ratio of means
     z_c = (e_c - e_a) / sqrt(se_c^2 + se_a^2)       a = the anchor component (the LLM)
     log f_c += gamma_+ K g(z_c) if z_c > 0 else gamma_- K g(z_c)
     g(z) = sign(z) clip((|z| - z0) / 2, 0, 1)
 
-then each log f_c is clipped to [-log m_-, log m_+] (a tighter per-component cap on both
+(dividing by S makes every estimate count alike: step sizes span orders of magnitude over
+a run, and raw sums would be the efficiency of the few largest steps); then each log f_c is
+clipped to [-log m_-, log m_+] (a tighter per-component cap on both
 sides with ``factor_caps``). Without an anchor (``anchor=None``) every component is
 steered on its own towards e_c = 1, where the quadratic model says its step size is
 right: z_c = (e_c - 1) / se_c (a per-component hypergradient on log eta_c).
+
+Guard: a component whose smoothed output change exceeds ``guard`` times the anchor's
+(y_c > guard * y_a) while its efficiency is below the anchor's is cut from the second
+estimate on, without waiting for a significant z-score, at a speed growing with
+log(y_c / (guard y_a)). Efficiencies of single steps are noisy; output changes are not, and
+an encoder that moves the output many times more than the LLM for less return is the
+signature of a rate set far too high.
 
 Cuts are faster than raises (gamma_- > gamma_+): a component whose steps buy little of
 what they cost can wreck what it knew within tens of steps (a pretrained encoder at a rate
