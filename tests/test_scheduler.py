@@ -29,19 +29,19 @@ def run(
     sched = CoordinatedLR(opt, total, warmup, schedule, controller=ctrl)
     tracker = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=N)
     lrs = [sched.get_last_lr()]
-    for k in kappas:
+    for step, k in enumerate(kappas):
         D = {"encoder": 1e-4, "llm": 1e-4 * k}
-        st = tracker.update(_measure(D))
+        st = tracker.update(_measure(D, step))
         sched.observe(tracker.last_z, st.z_bar, tracker.estimates)
         sched.step()
         lrs.append(sched.get_last_lr())
     return lrs, sched
 
 
-def _measure(D):
+def _measure(D, step=0):
     from commit_mllm import BalanceMeasurement
 
-    return BalanceMeasurement(0, D, D["llm"] / D["encoder"], {}, {}, {}, 10)
+    return BalanceMeasurement(step, D, D["llm"] / D["encoder"], {}, {}, {}, 10)
 
 
 def test_integral_exact_rates():

@@ -12,11 +12,17 @@ One training step, in order (METHOD.md, "Update significance" and "Coordinated s
     optimizer.step()
     report = commit.after_step()                   # kappa -> kappa_bar -> factors -> next LRs
     optimizer.zero_grad()
+
+kappa is estimated at the last step of every block of K steps (``config.effective_every``;
+0 = never). An estimate stands for the dt training steps since the previous one: the
+integral controller moves by gamma * dt * e_t, and the tracker's window spans N steps, so
+K does not change the controller's dynamics (METHOD.md, "Coordinated scheduler").
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,23 +134,28 @@ class CoMMIT:
         if sharded and cfg.lagging_only:
             raise ValueError("lagging_only is not supported with sharded (FSDP) parameters")
         self.config, self.model, self.optimizer, self.components = cfg, model, optimizer, components
+        every = cfg.effective_every
         self.meter = BalanceMeter(
             model,
             components,
             forward_fn,
-            every=cfg.every,
-            rows=cfg.rows,
+            every=every,
+            rows=cfg.effective_rows,
             autocast=autocast,
             dropout=cfg.dropout,
             kl_dtype=getattr(torch, cfg.kl_dtype),
             all_reduce=all_reduce,
             sharded=sharded,
+            snapshot=cfg.snapshot,
+            offload=cfg.offload,
+            reference=cfg.reference,
         )
         self._norm_reduce = all_reduce if sharded else None
         self.tracker = BalanceTracker(
             components.names,
             self.meter.pair,
             window=cfg.window,
+            every=max(1, every),
             span=cfg.span,
             kappa_target=cfg.kappa_target,
             component_targets=cfg.component_targets,
@@ -159,7 +170,7 @@ class CoMMIT:
             gamma=cfg.gamma,
             max_factor=cfg.max_factor,
             factor_caps=cfg.factor_caps,
-            min_estimates=cfg.window,
+            min_estimates=math.ceil(cfg.window / max(1, every)),
             replay=cfg.replay,
         )
         self.scheduler = CoordinatedLR(
@@ -168,6 +179,7 @@ class CoMMIT:
         self.regularizer = EntropyRegularizer(cfg.effective_alpha, cfg.tau, cfg.lagging_only)
         self.strategy = Strategy(cfg, components)
         self.step = 0
+        self._last_estimate = -1  # step of the previous estimate (dt of the next one)
         self._grad_norms: dict[str, float] = {}
         self._coeffs: dict[str, float] = {}
         self._aux_weight = 0.0
@@ -219,7 +231,7 @@ class CoMMIT:
         return self._grad_norms
 
     def before_step(self) -> None:
-        """Snapshot theta_t when kappa is due this step (call right before optimizer.step)."""
+        """Snapshot theta_t when kappa is due (call right before every optimizer.step)."""
         self.meter.snapshot(self.step)
 
     def after_step(self) -> StepReport:
@@ -227,9 +239,11 @@ class CoMMIT:
         lrs = self.scheduler.get_last_lr()
         m = self.meter.measure(self.step)
         if m is not None:
+            dt, self._last_estimate = self.step - self._last_estimate, self.step
             state = self.tracker.update(m)
             if self.tracker.last_z is not None:
-                self.scheduler.observe(self.tracker.last_z, state.z_bar, self.tracker.estimates)
+                z, n = self.tracker.last_z, self.tracker.estimates
+                self.scheduler.observe(z, state.z_bar, n, dt)
         report = StepReport(
             self.step,
             lrs,
@@ -258,6 +272,8 @@ class CoMMIT:
         """Balance state to checkpoint: step, tracker window, factors, strategy RNG."""
         return {
             "step": self.step,
+            "last_estimate": self._last_estimate,
+            "meter": self.meter.state_dict(),
             "tracker": self.tracker.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
@@ -267,6 +283,9 @@ class CoMMIT:
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what :meth:`state_dict` returned (rates of the next step re-applied)."""
         self.step = int(state["step"])
+        # Older states lack these: the previous estimate is then taken as one K back.
+        self._last_estimate = int(state.get("last_estimate", self.step - self.meter.every))
+        self.meter.load_state_dict(state.get("meter", {}))
         self.tracker.load_state_dict(state["tracker"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])

@@ -8,20 +8,22 @@ where f_c is the CoMMIT factor, driven by the imbalance z_c = 2 (log kappa_c - l
 (see :mod:`commit_mllm.diagnostics`; two components: z_llm = log kappa - log kappa_target,
 z_enc = -z_llm):
 
-* ``integral`` (default), on each raw estimate:   log f_c <- log f_c - gamma * z_c
-  (two components: log f_enc += gamma e_t, log f_llm -= gamma e_t, e_t = log kappa_t -
-  log kappa_target);
+* ``integral`` (default), on each raw estimate:   log f_c <- log f_c - gamma * dt * z_c
+  (two components: log f_enc += gamma dt e_t, log f_llm -= gamma dt e_t, e_t = log kappa_t -
+  log kappa_target), dt = training steps since the previous estimate (K when estimating
+  every K steps): gamma is a gain per training step, so K does not change the dynamics;
 * ``proportional``, on the window mean:            log f_c  = -gamma * z_bar_c
   (two components: f_enc = (kappa_bar / kappa_target)^gamma, f_llm = 1 / f_enc);
 * ``none``: f_c = 1 (constant-LR baselines); ``replay``: f(t) read from a recorded run.
 
 After each update the log-factors are projected onto {sum_c log f_c = 0, |log f_c| <= log m_c}
 (the total step budget is held fixed: balancing moves budget between components). No
-adjustment happens before N estimates, during warmup, or during ``hold_steps``.
+adjustment happens before the smoothing window (N steps) is first full (``min_estimates`` =
+ceil(N / K) estimates), during warmup, or during ``hold_steps``.
 
 Symbols -> variables: eta_c -> group ``base_lr``; s(t) -> :func:`shared_schedule`;
-f_c -> :attr:`FactorController.factors`; gamma -> ``gamma``; m -> ``max_factor``;
-N -> ``min_estimates``.
+f_c -> :attr:`FactorController.factors`; gamma -> ``gamma``; dt -> ``dt``; m ->
+``max_factor``; ceil(N / K) -> ``min_estimates``.
 """
 
 from __future__ import annotations
@@ -109,11 +111,12 @@ class FactorController:
     Args:
         names: Components that get a factor (the trainable ones).
         control: ``integral``, ``proportional``, ``none`` or ``replay``.
-        gamma: Controller gain.
+        gamma: Controller gain per training step (an estimate covering dt steps moves the
+            integral by gamma * dt * z).
         max_factor: m; every factor stays in [1/m, m].
         factor_caps: Optional tighter cap per component (e.g. ``{"encoder": 2.0}`` keeps a
             pretrained encoder within [1/2, 2]).
-        min_estimates: N; no adjustment before this many valid estimates.
+        min_estimates: No adjustment before this many valid estimates (ceil(N / K)).
         replay: For ``replay``: step -> {component: factor}, applied open loop; a step that
             is missing keeps the previous factors.
     """
@@ -158,6 +161,7 @@ class FactorController:
         z_bar: Mapping[str, float],
         estimates: int,
         adjusting: bool = True,
+        dt: float = 1.0,
     ) -> dict[str, float]:
         """Feed one valid estimate.
 
@@ -166,6 +170,7 @@ class FactorController:
             z_bar: Component -> z_c averaged over the window.
             estimates: Valid estimates so far (this one included).
             adjusting: False during warmup / hold steps: estimates are taken, not acted on.
+            dt: Training steps this estimate stands for (since the previous one).
 
         Returns:
             The factors after the update.
@@ -175,7 +180,8 @@ class FactorController:
         if estimates < self.min_estimates:
             return self.factors
         if self.control == "integral":
-            log_f = {c: self.log_f[c] - self.gamma * z.get(c, 0.0) for c in self.names}
+            gain = self.gamma * dt
+            log_f = {c: self.log_f[c] - gain * z.get(c, 0.0) for c in self.names}
         else:
             log_f = {c: -self.gamma * z_bar.get(c, 0.0) for c in self.names}
         self.log_f = project_log_factors(log_f, self.limits)
@@ -245,10 +251,14 @@ class CoordinatedLR:
         return self.t >= max(self.warmup_steps, self.hold_steps)
 
     def observe(
-        self, z: Mapping[str, float], z_bar: Mapping[str, float], estimates: int
+        self,
+        z: Mapping[str, float],
+        z_bar: Mapping[str, float],
+        estimates: int,
+        dt: float = 1.0,
     ) -> dict[str, float]:
-        """Feed the estimate of the current step to the controller; returns the factors."""
-        return self.controller.update(z, z_bar, estimates, self.adjusting)
+        """Feed the estimate of the current step (standing for ``dt`` steps); returns f_c."""
+        return self.controller.update(z, z_bar, estimates, self.adjusting, dt)
 
     def step(self) -> None:
         """Advance to the next step and apply its rates."""
