@@ -12,7 +12,7 @@ tokens, i.e. 600 tokens per row by default.
 
 Arms, interleaved per round (``plain, A, plain, B, plain``; each arm's time over the mean of
 its two neighbouring plain blocks): a plain step (forward, CE, backward, clip, AdamW), CoMMIT
-at its defaults (``CoMMITConfig()``: K=8, a quarter of the rows, theta_t offloaded to host
+at its defaults (``CoMMITConfig()``: K=16, a quarter of the rows, theta_t offloaded to host
 memory on CUDA) and the exact estimate (K=1, all rows). Peak memory is
 ``torch.cuda.max_memory_allocated`` over 2K steps of each arm from a fresh coordinator (two
 estimates included).

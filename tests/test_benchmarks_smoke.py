@@ -31,7 +31,7 @@ def test_overhead_core_tiny_budget(tmp_path):
         min_block=1,
     )
     res = overhead.run_benchmark(opts, log=lambda _: None)
-    assert res["meta"]["default_config"]["every"] == 8
+    assert res["meta"]["default_config"]["every"] == 16
     (entry,) = res["overhead"]
     timing = entry["timing"]
     assert {"plain", "default", "exact", "K=1 rows=0.25"} <= set(timing)

@@ -257,3 +257,37 @@ def test_subset_reference_rows():
     assert torch.allclose(meter.replay(sub), sub.logits, atol=1e-6)
     with pytest.raises(RuntimeError, match="no theta_t is kept"), meter.at_theta_t("llm"):
         pass
+
+
+class LLMDropoutToy(RowsToy):
+    """Dropout in the LLM only (like LoRA dropout): the encoder pathway is deterministic."""
+
+    def __init__(self):
+        super().__init__(dropout=0.3)
+        self.vision_encoder[2] = nn.Identity()
+
+
+def test_llm_only_dropout_redecodes_the_cached_features():
+    batch = make_batch(rows=8)
+    results, calls = {}, {}
+    for how in ("auto", "recompute"):
+        torch.manual_seed(11)
+        model = LLMDropoutToy()
+        comps = Components.from_model(model, TWO, lrs=0.05)
+        meter = BalanceMeter(model, comps, rows=0.5, reference=how)
+        opt = torch.optim.AdamW(comps.param_groups())
+        F.cross_entropy(meter.forward(batch), targets(batch)).backward()
+        ref = meter.reference
+        assert not ref.deterministic and ref.encoder_deterministic
+        meter.snapshot(0)
+        assert meter._plan == ("redecode" if how == "auto" else "recompute")
+        # The LLM-only rerun reads no encoder parameter at theta_t: it is not kept.
+        assert set(meter.saved.saved) == ({"llm"} if how == "auto" else {"encoder", "llm"})
+        opt.step()
+        before = model.encode_calls
+        results[how] = meter.measure(0)
+        calls[how] = model.encode_calls - before
+    assert calls == {"auto": 1, "recompute": 2}  # the encoder branch only, vs + the reference
+    for c in ("encoder", "llm"):
+        assert results["auto"].D[c] > 0
+        assert results["auto"].D[c] == pytest.approx(results["recompute"].D[c], rel=1e-9)

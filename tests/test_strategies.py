@@ -254,3 +254,39 @@ def test_config_validation_names_the_key():
         CoMMITConfig(rows=0)
     assert CoMMITConfig(strategy="commit").effective_alpha == 0.1
     assert CoMMITConfig(strategy="ogm_ge").effective_control == "none"
+
+
+def test_every_k_steps_an_estimate_stands_for_k_steps():
+    from commit_mllm.scheduler import integral_gain
+
+    *_, commit, history = run("commit", steps=8, every=4, rows=None, window=1, gamma=0.05)
+    reports = [h[0] for h in history]
+    assert [r.step for r in reports if r.measurement is not None] == [3, 7]
+    # Gradient norms are sampled with kappa; kappa_bar is held between estimates.
+    assert [bool(r.grad_norms) for r in reports] == [False, False, False, True] * 2
+    assert reports[5].balance == reports[4].balance == reports[3].balance
+    log_f = 0.0
+    for r in reports:
+        if r.measurement is not None:
+            log_f += integral_gain(0.05, 4) * math.log(r.measurement.kappa)
+            assert math.log(r.factors["encoder"]) == pytest.approx(log_f, rel=1e-9)
+    assert commit.state_dict()["last_estimate"] == 7
+
+
+def test_measuring_frequency_per_strategy_and_off_switch():
+    assert CoMMITConfig().effective_every == 16 and CoMMITConfig().effective_rows == 0.25
+    assert CoMMITConfig(exact=True).effective_every == 1
+    assert CoMMITConfig(exact=True).effective_rows is None
+    assert CoMMITConfig(every=4, diagnostics_every=0).effective_every == 4  # commit steers
+    assert CoMMITConfig(strategy="ogm_ge", diagnostics_every=0).effective_every == 16
+    assert CoMMITConfig(strategy="constant", every=4).effective_every == 4
+    assert CoMMITConfig(strategy="constant", every=4, diagnostics_every=2).effective_every == 2
+    assert CoMMITConfig(strategy="feature_cd", diagnostics_every=0).effective_every == 0
+    with pytest.raises(ValueError, match=r"commit.every = 0 is invalid"):
+        CoMMITConfig(every=0)
+    with pytest.raises(ValueError, match=r"commit.diagnostics_every = -1 is invalid"):
+        CoMMITConfig(diagnostics_every=-1)
+    # Switched off: no estimate ever (step 0 included), no snapshot, no gradient norms.
+    _model, _, _, commit, history = run("constant", steps=10, every=1, diagnostics_every=0)
+    assert all(h[0].measurement is None and not h[0].grad_norms for h in history)
+    assert commit.meter.reference is None and not commit.meter.saved.alive

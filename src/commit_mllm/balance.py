@@ -20,8 +20,9 @@ c; D_c -> ``BalanceMeasurement.D[c]``; kappa_t -> ``BalanceMeasurement.kappa``; 
 Cost: one no-grad forward per moving component, every K steps, on the first rows. A branch
 whose component does not touch the encoder pathway reuses the encoder outputs cached from the
 training forward (:class:`~commit_mllm.lookahead.CachedEncoderModel`). p_t comes from the
-training forward: on a row subset it is sliced from it when that forward was deterministic
-(else recomputed on the subset). theta_t is kept only for the components some branch reads
+training forward: on a row subset it is sliced from it when that forward was deterministic,
+else rerun at theta_t on the subset (the LLM part only when only the LLM drew random
+numbers). theta_t is kept only for the components some branch reads
 at theta_t (with cached encoder outputs, an encoder-only component's theta_t is never read).
 Dropout masks are replayed (the RNG states captured before the training forward and before
 the LLM are restored before every lookahead), so p_t and every p_t^(c) see the same masks.
@@ -379,13 +380,19 @@ class BalanceMeter:
         return self.epoch
 
     def _reference_plan(self, ref: Reference) -> str:
-        """Where p_t comes from: ``training``, ``slice`` or ``recompute`` (at theta_t)."""
-        n = self.lookahead.n_rows(ref, self.rows)
+        """Where p_t comes from: ``training``, ``slice``, ``redecode`` or ``recompute``.
+
+        ``redecode`` and ``recompute`` run at theta_t; ``redecode`` only the LLM part, on the
+        training forward's encoder outputs cut to the rows (deterministic encoder pathway).
+        """
+        n, la = self.lookahead.n_rows(ref, self.rows), self.lookahead
         if n is None:
             return "training" if self.dropout == "replay" or ref.deterministic else "recompute"
-        if self.reference_mode != "recompute" and ref.deterministic and self._slice_ok is not False:
+        if self.reference_mode == "recompute":
+            return "recompute"
+        if ref.deterministic and self._slice_ok is not False:
             return "slice"
-        return "recompute"
+        return "redecode" if la.can_redecode(ref) and self.dropout == "replay" else "recompute"
 
     def _needed(self, ref: Reference, plan: str) -> set[str]:
         """Components whose theta_t some branch reads (see the module docstring)."""
@@ -395,7 +402,7 @@ class BalanceMeter:
             return names
         if self.saved.offload:  # host memory: keeping it costs no device memory
             return names
-        if plan == "slice" and not la.features_sliceable():
+        if plan in ("slice", "redecode") and not la.features_sliceable():
             return names
         full = [n for n in names if n in la.encoder_side]
         if len(full) == 1 and full[0] in la.encoder_only:
@@ -442,8 +449,10 @@ class BalanceMeter:
             return ref
         if self._plan == "slice":
             return self.lookahead.slice(ref, n)
-        # Dropout off on a stochastic forward, or a subset whose masks differ: recompute.
+        # Stochastic forward on a subset (its masks differ), or dropout off: rerun at theta_t.
         with self.saved.at(list(self.saved.saved)):
+            if self._plan == "redecode":
+                return self.lookahead.redecode(ref, n, self.saved.epoch)
             return self.lookahead.recompute(ref, n, self.saved.epoch)
 
     def _branch(self, name: str, ref: Reference) -> torch.Tensor:

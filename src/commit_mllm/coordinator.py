@@ -50,7 +50,8 @@ class StepReport:
         factors: Component -> CoMMIT factor f_c after this step's update.
         measurement: The balance estimate of step t, or None when not due.
         balance: The smoothed state after this step.
-        grad_norms: Component -> ||g_c|| after backward (before gating and clipping).
+        grad_norms: Component -> ||g_c|| after backward (before gating and clipping), on
+            the steps that estimate kappa.
         grad_coeffs: Component -> gradient coefficient of the strategy (CD, OGM-GE).
         aux_weight: w_t of the regularizer at this step.
     """
@@ -223,10 +224,15 @@ class CoMMIT:
     def after_backward(self) -> dict[str, float]:
         """Record per-component gradient norms, then apply CD gating / OGM-GE modulation.
 
+        The norms are a diagnostic sampled with kappa: on the steps kappa is estimated (every
+        step with ``exact``), so the per-step bookkeeping stays small.
+
         Returns:
-            Component -> ||g_c||_2 before the strategy touched the gradients.
+            Component -> ||g_c||_2 before the strategy touched the gradients; empty on the
+            steps that do not estimate kappa.
         """
-        self._grad_norms = component_grad_norms(self.components, self._norm_reduce)
+        due = self.meter.due(self.step)
+        self._grad_norms = component_grad_norms(self.components, self._norm_reduce) if due else {}
         self._coeffs = self.strategy.apply(self.step, self.tracker.z_bar)
         return self._grad_norms
 

@@ -99,8 +99,8 @@ def run_demo(
     print(
         f"commit-mllm demo: {task}, strategies {', '.join(strategies)}.\n"
         "Tiny pretrained parts (built once, ~1 min, then cached) + a fresh projector, "
-        "instruction-tuned once per strategy; kappa = D_llm / D_encoder is measured every "
-        "step in every run.\n"
+        "instruction-tuned once per strategy; kappa = D_llm / D_encoder is estimated the "
+        "same way in every run (every commit.every steps, 16 by default).\n"
     )
     start = time.perf_counter()
     summaries, runs = [], []

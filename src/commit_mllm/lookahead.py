@@ -12,9 +12,11 @@ same rows. This module records what a lookahead needs and runs one:
 * :meth:`Lookahead.run` is a no-grad forward on a reference at whatever parameters the model
   holds now, replaying its RNG states, from the cached encoder outputs when asked (skipping
   the encoder);
-* :meth:`Lookahead.subset` restricts a reference to its first rows: p_t is sliced from the
-  training forward when that forward was deterministic (a row's logits do not depend on the
-  other rows then), else recomputed on those rows at the current parameters;
+* a reference is restricted to its first rows by :meth:`Lookahead.slice` (p_t cut from the
+  training forward, when that forward was deterministic: a row's logits do not depend on the
+  other rows then), :meth:`Lookahead.redecode` (the LLM part rerun on the cut encoder
+  outputs, when only the LLM drew random numbers, e.g. LoRA dropout) or
+  :meth:`Lookahead.recompute` (a whole forward on the rows);
 * :meth:`Lookahead.preserved` keeps the model's buffers (BatchNorm running statistics,
   counters) and the training RNG as they were, whatever lookaheads run inside it.
 
@@ -142,6 +144,8 @@ class Reference:
         epoch: Parameter version the forward ran at (counted by the balance meter).
         deterministic: The forward drew no random numbers and no module normalized with
             batch statistics, so each row's logits do not depend on the other rows.
+        encoder_deterministic: The same holds for the encoder pathway alone (its outputs
+            can be cut to a row subset even when the LLM's dropout made the whole stochastic).
     """
 
     logits: torch.Tensor
@@ -151,6 +155,7 @@ class Reference:
     rng_decode: Any = None
     epoch: int = 0
     deterministic: bool = False
+    encoder_deterministic: bool = False
 
     @property
     def rows(self) -> int:
@@ -270,8 +275,12 @@ class Lookahead:
         else:
             fn = self.forward_fn if via is None or not self.cached else causal_lm_forward
             logits = fn(via or self.model, batch)
-        deterministic = _same_rng(start, rng_state()) and not self._batch_statistics()
-        ref = Reference(logits.detach(), batch, features, start, decode_state, epoch, deterministic)
+        rowwise = not self._batch_statistics()
+        deterministic = rowwise and _same_rng(start, rng_state())
+        encoder_det = rowwise and decode_state is not None and _same_rng(start, decode_state)
+        ref = Reference(
+            logits.detach(), batch, features, start, decode_state, epoch, deterministic, encoder_det
+        )
         return logits, ref
 
     def _batch_statistics(self) -> bool:
@@ -329,6 +338,24 @@ class Lookahead:
         tokens = int(supervised_mask(ref.batch["labels"][:n]).sum())
         return replace(ref, logits=ref.logits[:tokens], batch=batch, features=features)
 
+    def can_redecode(self, ref: Reference) -> bool:
+        """p_t on a subset can be recomputed from cut cached features (LLM only)."""
+        return ref.encoder_deterministic and ref.features is not None and self.features_sliceable()
+
+    @torch.no_grad()
+    def redecode(self, ref: Reference, n: int, epoch: int) -> Reference:
+        """A new reference on the first ``n`` rows: the LLM part only, at the current parameters.
+
+        For a deterministic encoder pathway: its cached outputs are cut to the rows, and the
+        LLM part replays ``ref``'s RNG state between encoder and LLM (its dropout masks).
+        """
+        batch, features = self.model.select_rows(ref.batch, ref.features, n)
+        with self.mode():
+            set_rng_state(ref.rng_decode)
+            with self.autocast():
+                logits = self.model.decode(batch, features)
+        return Reference(logits, batch, features, ref.rng_start, ref.rng_decode, epoch, False, True)
+
     @torch.no_grad()
     def recompute(self, ref: Reference, n: int | None, epoch: int) -> Reference:
         """A new reference on the first ``n`` rows (None = all) at the current parameters.
@@ -352,7 +379,7 @@ class Lookahead:
                 else:
                     features, decode_state = None, None
                     logits = self.forward_fn(self.model, batch)
-        return Reference(logits, batch, features, ref.rng_start, decode_state, epoch, False)
+        return Reference(logits, batch, features, ref.rng_start, decode_state, epoch)
 
     # ---- modes and state --------------------------------------------------------------------
     @contextlib.contextmanager

@@ -18,8 +18,8 @@ Every strategy measures kappa the same way, so all can be compared on one plot. 
 that steer by kappa (``commit``, ``commit_clr``, ``ogm_ge``) measure every K steps
 (``every``); the others measure only for the diagnostics (``diagnostics_every``; 0 = never).
 
-Measuring costs: by default kappa is estimated every K = 8 steps on the first quarter of the
-batch's rows (``every: 8``, ``rows: 0.25``), which keeps a step within ~1.10x a plain step
+Measuring costs: by default kappa is estimated every K = 16 steps on the first quarter of the
+batch's rows (``every: 16``, ``rows: 0.25``), which keeps a step within 1.10x a plain step
 (benchmarks/results/overhead.md). The controller's gain and window are defined per training
 step, so K does not change its dynamics. ``exact: true`` is the exact estimate: every step,
 all rows.
@@ -50,7 +50,7 @@ _CONTROLLED = ("commit", "commit_clr")
 #: Strategies whose decisions read kappa (the factor controller, OGM-GE's modulation).
 STEERING = ("commit", "commit_clr", "ogm_ge")
 #: K of ``CoMMITConfig()`` (measured: benchmarks/results/overhead.md).
-DEFAULT_EVERY = 8
+DEFAULT_EVERY = 16
 #: Row fraction of ``CoMMITConfig()``.
 DEFAULT_ROWS = 0.25
 
@@ -61,7 +61,7 @@ class CoMMITConfig:
 
     Attributes:
         strategy: One of :data:`STRATEGIES`.
-        every: [K] estimate kappa at the last step of every block of K steps; None = 8
+        every: [K] estimate kappa at the last step of every block of K steps; None = 16
             (:data:`DEFAULT_EVERY`). Also the K of the non-steering strategies unless
             ``diagnostics_every`` is set.
         diagnostics_every: K of the strategies that do not steer by kappa (``constant``,
