@@ -962,8 +962,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         closed_path.write_text(json.dumps(closed, indent=1) + "\n")
         print("\n".join(_closed_table(closed)))
         main_json = a.out / "overhead.json"
-        if main_json.exists():  # regenerate the tables with (b) included
-            write_results(json.loads(main_json.read_text()), a.out, "overhead", closed)
+        results = json.loads(main_json.read_text()) if main_json.exists() else {}
+        if "snapshot" in results.get("meta", {}).get("default_config", {}):
+            write_results(results, a.out, "overhead", closed)  # the tables with (b) included
         print(f"wrote {closed_path}")
         return 0
     results = run_benchmark(options_from_args(a))
