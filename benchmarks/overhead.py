@@ -64,6 +64,7 @@ from commit_mllm.tasks import load_task, task_texts
 grid_name = quality.grid_name
 MODES = ("lora", "full")
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 TIME_TARGET, MEMORY_TARGET = 1.10, 1.15
 
 # The CPU-sized "medium" model: CLIP-style ViT (hidden 384, 6 layers) + Llama (hidden 512,
@@ -626,7 +627,7 @@ def merge_headline(path: Path, new: dict[str, Any], source: dict[str, Any]) -> P
     return path
 
 
-def verdicts(results: dict[str, Any], closed: dict[str, Any] | None = None) -> dict[str, Any]:
+def verdicts(results: dict[str, Any], closed: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The issue's targets against the measured numbers (None where not measured)."""
     times = [e["timing"]["default"]["ratio_paired_median"] for e in results["overhead"]]
     mems = [
@@ -650,7 +651,7 @@ def verdicts(results: dict[str, Any], closed: dict[str, Any] | None = None) -> d
         "memory_ok": bool(mems) and max(mems) <= MEMORY_TARGET,
         "criterion_a": quality_a,
         "criterion_a_ok": bool(quality_a) and all(quality_a.values()),
-        "criterion_b_ok": None if closed is None else closed["all_within_noise"],
+        "criterion_b_ok": all(c["all_within_noise"] for c in closed) if closed else None,
     }
 
 
@@ -659,7 +660,7 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def markdown(results: dict[str, Any], closed: dict[str, Any] | None = None) -> str:
+def markdown(results: dict[str, Any], closed: Sequence[dict[str, Any]] = ()) -> str:
     """Tables of the results (the discussion is written by hand above them)."""
     meta = results["meta"]
     v = verdicts(results, closed)
@@ -684,8 +685,8 @@ def markdown(results: dict[str, Any], closed: dict[str, Any] | None = None) -> s
         lines += _overhead_table(e)
     for run in results["estimate_error"]:
         lines += _error_table(run, v["default_setting"])
-    if closed is not None:
-        lines += _closed_table(closed)
+    for run in closed:
+        lines += _closed_table(run)
     return "\n".join(lines)
 
 
@@ -780,9 +781,10 @@ def _error_table(run: dict[str, Any], default: str) -> list[str]:
 
 
 def _closed_table(closed: dict[str, Any]) -> list[str]:
+    extra = ", ".join(closed.get("extra_overrides", [])) or "none"
     lines = [
         f"## Criterion (b): closed loop, easy-VQA demo config, {closed['steps']} steps, seeds "
-        f"{closed['seeds']}",
+        f"{closed['seeds']}, extra overrides: {extra}",
         "",
         f"{len(closed['runs'])} trainer runs in {closed['seconds']} s ({closed['procs']} "
         f"processes, 1 torch thread each). Within seed noise: |diff| <= 2 SE.",
@@ -894,7 +896,7 @@ def write_results(
     results: dict[str, Any],
     out: Path,
     stem: str = "overhead",
-    closed: dict[str, Any] | None = None,
+    closed: Sequence[dict[str, Any]] = (),
     headline_path: Path | None = None,
 ) -> Path:
     """Write ``<stem>.json``, the tables into ``<stem>.md``, and merge the headline ratios.
@@ -933,6 +935,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--closed-loop-steps", type=int, default=250)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--procs", type=int, default=2, help="closed-loop processes")
+    p.add_argument("--closed-loop-set", action="append", default=[], help="KEY=VALUE override")
+    p.add_argument("--closed-loop-tag", default=None, help="name of a closed-loop variant")
     return p.parse_args(argv)
 
 
@@ -950,29 +954,41 @@ def options_from_args(a: argparse.Namespace) -> Options:
     )  # fmt: skip
 
 
+def closed_loop_files(out: Path) -> list[Path]:
+    """The closed-loop results in ``out``: the demo grid first, then tagged variants."""
+    files = out.glob("overhead_closed_loop*.json")
+    return sorted(files, key=lambda p: (p.stem != "overhead_closed_loop", p.stem))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or the closed loop) and write its results."""
     a = parse_args(argv)
-    closed_path = a.out / "overhead_closed_loop.json"
     if a.closed_loop:
+        tag = f"-{a.closed_loop_tag}" if a.closed_loop_tag else ""
         seeds = tuple(int(s) for s in a.seeds.split(","))
-        closed = quality.closed_loop(seeds=seeds, steps=a.closed_loop_steps, procs=a.procs)
+        root = ROOT / "runs" / f"overhead-closed-loop{tag}"
+        closed = quality.closed_loop(
+            seeds=seeds, steps=a.closed_loop_steps, procs=a.procs, root=root,
+            extra=[f"commit.{kv}" for kv in a.closed_loop_set],
+        )  # fmt: skip
         closed["meta"] = machine_info(1) | {"load_end": loadavg()}
         a.out.mkdir(parents=True, exist_ok=True)
-        closed_path.write_text(json.dumps(closed, indent=1) + "\n")
+        path = a.out / f"overhead_closed_loop{tag}.json"
+        path.write_text(json.dumps(closed, indent=1) + "\n")
         print("\n".join(_closed_table(closed)))
         main_json = a.out / "overhead.json"
         results = json.loads(main_json.read_text()) if main_json.exists() else {}
         if "snapshot" in results.get("meta", {}).get("default_config", {}):
-            write_results(results, a.out, "overhead", closed)  # the tables with (b) included
-        print(f"wrote {closed_path}")
+            loops = [json.loads(p.read_text()) for p in closed_loop_files(a.out)]
+            write_results(results, a.out, "overhead", loops)  # the tables with (b) included
+        print(f"wrote {path}")
         return 0
     results = run_benchmark(options_from_args(a))
     stem = a.stem or ("overhead_quick" if a.quick else "overhead")
-    closed = json.loads(closed_path.read_text()) if closed_path.exists() and not a.quick else None
+    loops = [] if a.quick else [json.loads(p.read_text()) for p in closed_loop_files(a.out)]
     headline_path = None if a.quick or a.stem else a.out / "headline.json"
-    path = write_results(results, a.out, stem, closed, headline_path)
-    print(markdown(results, closed))
+    path = write_results(results, a.out, stem, loops, headline_path)
+    print(markdown(results, loops))
     print(f"wrote {path}")
     return 0
 
