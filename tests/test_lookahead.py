@@ -291,3 +291,30 @@ def test_llm_only_dropout_redecodes_the_cached_features():
     for c in ("encoder", "llm"):
         assert results["auto"].D[c] > 0
         assert results["auto"].D[c] == pytest.approx(results["recompute"].D[c], rel=1e-9)
+
+
+@pytest.mark.gpu
+def test_offloaded_snapshot_on_cuda_gives_the_same_estimate():
+    """theta_t in pinned host memory: same D_c, parameters back on the device bitwise."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    batch = {k: v.cuda() for k, v in make_batch(rows=8).items()}
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(12)
+        model = RowsToy(dropout=0.2).cuda()
+        comps = Components.from_model(model, TWO, lrs=0.05)
+        meter = BalanceMeter(model, comps, rows=0.5, offload=offload, snapshot="all")
+        opt = torch.optim.AdamW(comps.param_groups())
+        F.cross_entropy(meter.forward(batch), targets(batch)).backward()
+        meter.snapshot(0)
+        assert all(
+            t.device.type == ("cpu" if offload else "cuda") for t in meter.saved.saved["llm"]
+        )
+        opt.step()
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        results.append(meter.measure(0))
+        for n, p in model.named_parameters():
+            assert p.is_cuda and torch.equal(p, after[n]), n
+    assert pytest.approx(results[1].D, rel=1e-9) == results[0].D
+    assert results[0].update_norms == pytest.approx(results[1].update_norms, rel=1e-6)
