@@ -183,10 +183,10 @@ class BalanceMeter:
             works for every component).
         offload: Keep theta_t in host memory (only for parameters on CUDA); None = when the
             parameters are on CUDA.
-        reference: How p_t is obtained on a row subset: ``"slice"`` from the training
-            forward when it was deterministic, ``"recompute"`` always a forward on the
-            subset, ``"auto"`` slices after checking once that slicing's numerical noise is
-            under 1% of the smallest D_c (else recomputes from then on).
+        reference: p_t on a row subset: cut from a deterministic training forward
+            (``"slice"``; ``"auto"`` checks once that this adds under 1% of the smallest D_c,
+            else reruns from then on), else rerun at theta_t on the rows, the LLM part only
+            when only it drew random numbers; ``"recompute"`` always reruns it whole.
         keep_snapshot: Keep theta_t after :meth:`measure` until the next :meth:`snapshot`
             or :meth:`release` (for measurements on the next batch).
     """
@@ -305,14 +305,20 @@ class BalanceMeter:
         ref = self._ref
         if not self.saved.alive or self._plan is None or ref is None:
             return None
+        check = self._plan == "slice" and self.reference_mode == "auto" and self._slice_ok is None
         try:
             with self.lookahead.preserved():
-                return self._measure(step, ref)
+                m = self._measure(step, ref)
         finally:
             self.saved.set({})
             self._plan = None
             if not self.keep_snapshot:
                 self.saved.release()
+        if check:  # once, after theta_t is dropped: it needs theta_{t+1} only
+            with self.lookahead.preserved():
+                if not self._accept_slicing(ref, m):
+                    return None
+        return m
 
     # ---- public lookahead tools (for other measurements on the same update) --------------
     @contextlib.contextmanager
@@ -409,18 +415,16 @@ class BalanceMeter:
             names.discard(full[0])
         return names
 
-    def _measure(self, step: int, ref: Reference) -> BalanceMeasurement | None:
+    def _measure(self, step: int, ref: Reference) -> BalanceMeasurement:
         norms, flags = self._flags()
         ref = self._measured_reference(ref)
         moving = [c.name for c in self.components if c.name not in flags]
         sums = [
             kl_sum(ref.logits, self._branch(n, ref), self.kl_chunk, self.kl_dtype) for n in moving
         ]
-        check = self._plan == "slice" and self.reference_mode == "auto" and self._slice_ok is None
-        noise = [self._slice_noise(ref)] if check else []
         device = ref.logits.device
         tokens_t = torch.tensor(float(ref.logits.shape[0]), device=device)
-        totals = torch.stack([*sums, *noise, tokens_t]).to(torch.float64)
+        totals = torch.stack([*sums, tokens_t]).to(torch.float64)
         if self.all_reduce is not None:
             self.all_reduce(totals)
         values = totals.tolist()
@@ -430,8 +434,6 @@ class BalanceMeter:
             D[name] = max(s / tokens, 0.0) if tokens else 0.0
             if D[name] == 0.0 and self.skip_zero_update and name not in self.saved.saved:
                 flags[name] = "zero_update"  # no theta_t to compare: no measurable change
-        if check and not self._accept_slicing(values[len(moving)], tokens, D, moving):
-            return None
         return self._summarize(step, D, flags, tokens, norms)
 
     def _flags(self) -> tuple[dict[str, float], dict[str, str]]:
@@ -465,17 +467,21 @@ class BalanceMeter:
         with self.saved.at(others):
             return la.run(ref, use_cache)
 
-    def _slice_noise(self, ref: Reference) -> torch.Tensor:
-        """KL between sliced and recomputed subset logits, both at theta_{t+1} (summed)."""
-        full = self.lookahead.run(self._ref, use_cache=False)
-        n = ref.rows
-        tokens = ref.logits.shape[0]
-        sub = self.lookahead.recompute(self._ref, n, self.epoch)
-        return kl_sum(full[:tokens], sub.logits, self.kl_chunk, self.kl_dtype)
+    def _accept_slicing(self, full: Reference, m: BalanceMeasurement) -> bool:
+        """The one-time check of ``reference="auto"`` (all ranks decide alike).
 
-    def _accept_slicing(self, noise: float, tokens: int, D: dict, moving: list) -> bool:
-        signal = min((D[n] for n in moving if D[n] > 0), default=0.0)
-        per_token = noise / tokens if tokens else 0.0
+        Compares p_t cut from a full-batch forward with a forward on the rows alone, both at
+        theta_{t+1}: their KL per token must stay under 1% of the smallest D_c.
+        """
+        n = self.lookahead.n_rows(full, self.rows)
+        rows = self.lookahead.slice(full, n)
+        whole = self.lookahead.run(full, use_cache=False)[: rows.logits.shape[0]]
+        sub = self.lookahead.recompute(full, n, self.epoch)
+        noise = kl_sum(whole, sub.logits, self.kl_chunk, self.kl_dtype).reshape(1)
+        if self.all_reduce is not None:
+            self.all_reduce(noise)
+        per_token = float(noise) / m.tokens if m.tokens else 0.0
+        signal = min((d for d in m.D.values() if d > 0), default=0.0)
         self._slice_ok = per_token <= SLICE_NOISE_SHARE * signal
         if not self._slice_ok:
             logger.warning(
