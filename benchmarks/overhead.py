@@ -466,6 +466,22 @@ def memory_arms(
     return {name: (min(v) if v else None) for name, v in peaks.items()}
 
 
+def _memory_worker(job: tuple[str, str, str, str]) -> int | None:
+    """One arm's peak in a fresh process (a clean heap: no history of other arms)."""
+    model, mode, arm, device_name = job
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    if device.type == "cpu":
+        tune_malloc()
+    spec = SPECS[model]
+    collator = make_collator(spec.image_size)
+    samples = load_task("easy-vqa", "train", seed=0, max_samples=spec.batch_size)
+    setting = next(s for s in MEMORY_ARMS if s.name == arm)
+    base = _memory_start(device) if device.type == "cpu" else 0
+    bench = build_bench(spec, mode, collator, samples, n_batches=1, device=device)
+    return memory_arms(bench, [setting], base, device)[arm]
+
+
 def summarize_timing(raw: dict[str, Any]) -> dict[str, Any]:
     """Medians of the per-step times and of the paired ratios per arm."""
     out = {}
@@ -529,20 +545,19 @@ def _describe(s: Setting) -> dict[str, Any]:
     return {"every": cfg.effective_every, "rows": cfg.effective_rows, "snapshot": cfg.snapshot}
 
 
-def bench_memory(
-    spec: ModelSpec,
-    mode: str,
-    collator: Collator,
-    samples: Sequence[dict],
-    settings: Sequence[Setting],
-    device: torch.device,
-) -> dict[str, Any]:
-    """Peak memory of every arm for one (model, mode); ratios against the plain step."""
-    base = _memory_start(device) if device.type == "cpu" else 0
-    bench = build_bench(spec, mode, collator, samples, n_batches=1, device=device)
-    peaks = memory_arms(bench, settings, base, device)
-    del bench
-    gc.collect()
+def bench_memory(model: str, mode: str, settings: Sequence[Setting], device: torch.device) -> dict:
+    """Peak memory of every arm for one (model, mode), each arm in its own fresh process.
+
+    Returns:
+        Arm -> ``{"peak_bytes", "ratio"}`` (ratio against the plain step's peak).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [(model, mode, s.name, str(device)) for s in settings]
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        peaks = dict(zip([s.name for s in settings], pool.map(_memory_worker, jobs)))
     plain = peaks.get("plain")
     return {
         name: {"peak_bytes": v, "ratio": (v / plain) if (v is not None and plain) else None}
@@ -877,10 +892,7 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = print) -> dict[str
         meta["malloc_tuned"] = tune_malloc() if device.type == "cpu" else None
         for entry in results["overhead"]:
             log(f"memory {entry['model']}/{entry['mode']}")
-            spec = _spec(entry["model"], opts)
-            entry["memory"] = bench_memory(
-                spec, entry["mode"], collators[spec.name], samples, MEMORY_ARMS, device
-            )
+            entry["memory"] = bench_memory(entry["model"], entry["mode"], MEMORY_ARMS, device)
     meta["load_end"] = loadavg()
     return results
 

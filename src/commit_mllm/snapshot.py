@@ -14,8 +14,8 @@ step; Delta_c -> ``theta_{t+1} - theta_t`` on component c; ||Delta_c||_2 ->
 Memory: the snapshot holds one copy of the chosen components' trainable parameters from just
 before ``optimizer.step()`` until :meth:`ParameterSnapshot.release`. With ``offload`` the copy
 lives in (pinned) host memory instead of on the accelerator, so it adds nothing to the
-device's peak inside the optimizer step; a component is copied back to the device only while
-it is at theta_t.
+device's peak inside the optimizer step; putting a component at theta_t then copies its
+theta_{t+1} out to the host and theta_t in, in place, so the device never holds both.
 """
 
 from __future__ import annotations
@@ -148,20 +148,18 @@ class ParameterSnapshot:
     def _switch(self, name: str, params: list[torch.nn.Parameter], to_old: bool) -> None:
         saved, held, swap = self.saved[name], self._held[name], self._swap[name]
         for i, p in enumerate(params):
+            staged = saved[i].device != p.device  # offloaded: swap values through the host
             if to_old:
-                old = saved[i]
-                if old.device != p.device:
-                    old = old.to(p.device, non_blocking=True)
-                if swap[i]:
-                    held[i], p.data = p.data, old
+                if swap[i] and not staged:
+                    held[i], p.data = p.data, saved[i]
                 else:
-                    held[i] = p.detach().clone()
-                    p.detach().copy_(old)
+                    held[i] = self._copy(p) if staged else p.detach().clone()
+                    p.detach().copy_(saved[i], non_blocking=staged)
             else:
-                if swap[i]:
+                if swap[i] and not staged:
                     p.data = held[i]
                 else:
-                    p.detach().copy_(held[i])
+                    p.detach().copy_(held[i], non_blocking=staged)
                 held[i] = None
 
     @contextlib.contextmanager
