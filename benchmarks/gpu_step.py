@@ -12,11 +12,13 @@ tokens, i.e. 600 tokens per row by default.
 
 Arms, interleaved per round (``plain, A, plain, B, plain``; each arm's time over the mean of
 its two neighbouring plain blocks): a plain step (forward, CE, backward, clip, AdamW), CoMMIT
-at its defaults (K=1, all rows) and K=4 with a quarter of the rows. Peak memory is
-``torch.cuda.max_memory_allocated`` over one estimate step of each arm.
+at its defaults (``CoMMITConfig()``: K=16, a quarter of the rows, theta_t offloaded to host
+memory on CUDA) and the exact estimate (K=1, all rows). Peak memory is
+``torch.cuda.max_memory_allocated`` over 2K steps of each arm from a fresh coordinator (two
+estimates included).
 
     python benchmarks/gpu_step.py                  # GPU; writes benchmarks/results/gpu_step.json
-    python benchmarks/gpu_step.py --tiny           # small shapes, any device, 2 steps per arm
+    python benchmarks/gpu_step.py --tiny           # small shapes, any device, 2K steps per arm
 """
 
 from __future__ import annotations
@@ -74,11 +76,7 @@ TINY_OVERRIDE = {
             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512},
     "lora_r": 8,
 }  # fmt: skip
-ARMS = (
-    ov.Setting("plain", 0, None, True),
-    ov.Setting("default"),
-    ov.Setting(ov.grid_name(4, 0.25), 4, 0.25),
-)
+ARMS = (ov.PLAIN, ov.DEFAULT, ov.EXACT)
 
 
 def model_config(tiny: bool, dtype: str | None, freeze_encoder: bool) -> tuple[MLLMConfig, int]:
@@ -156,10 +154,12 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[ov.Bench, int
 def measure(bench: ov.Bench, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Interleaved timing (paired ratios) and per-arm peak memory of one estimate step.
 
-    With ``--tiny`` (a construction check): two steps per arm, no rounds, no warm-up.
+    With ``--tiny`` (a construction check): 2K steps per arm, no rounds, no warm-up.
     """
     if args.tiny:
-        raw = {s.name: {"times": [ov.run_block(ov.step_fn(bench, s), 2, device)]} for s in ARMS}
+        raw = {
+            s.name: {"times": [ov.run_block(ov.step_fn(bench, s), 2 * s.k, device)]} for s in ARMS
+        }
         for v in raw.values():
             v["ratios"] = [v["times"][0] / raw["plain"]["times"][0]]
         raw["plain"]["ratios"] = []
@@ -168,13 +168,7 @@ def measure(bench: ov.Bench, args: argparse.Namespace, device: torch.device) -> 
         raw = ov.time_arms(bench, ARMS, args.rounds, args.block, device)
         load = raw.pop("_load")
     timing = ov.summarize_timing(raw)
-    memory = {}
-    for s in ARMS:
-        fn = ov.step_fn(bench, s)  # fresh coordinator: step 0 estimates kappa
-        ov._memory_start(device)
-        ov.run_block(fn, 1, device)
-        peak = ov._memory_peak(device)
-        memory[s.name] = {"peak_bytes": peak}
+    memory = {s.name: {"peak_bytes": ov.peak_memory(bench, s, 0, device)} for s in ARMS}
     plain = memory["plain"]["peak_bytes"]
     for v in memory.values():
         v["ratio"] = v["peak_bytes"] / plain if (plain and v["peak_bytes"]) else None
@@ -185,7 +179,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--tiny", action="store_true", help="small shapes, any device, 2 steps per arm (a check)"
+        "--tiny", action="store_true", help="small shapes, any device, 2K steps per arm (a check)"
     )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-tokens", type=int, default=25, help="incl. the image placeholder")

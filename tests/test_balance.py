@@ -71,7 +71,7 @@ def test_cached_branch_equals_full_forward_and_skips_encoder():
     batch = make_batch()
     comps = Components.from_model(model, TWO, lrs=0.05)
     meter = BalanceMeter(model, comps)
-    assert meter.cached and meter._cacheable == {"llm"}
+    assert meter.cached and meter.lookahead.encoder_side == {"encoder"}
     _, m = train_step(model, comps, batch, meter, step=0)
     # One encode in the training forward, one for the encoder branch; none for the LLM branch.
     assert model.encode_calls == 2
@@ -136,7 +136,7 @@ def test_zero_update_component_is_flagged_not_infinite():
     model = ToyMLLM()
     batch = make_batch()
     comps = Components.from_model(model, TWO, lrs={"encoder": 0.0, "llm": 0.05})
-    meter = BalanceMeter(model, comps)
+    meter = BalanceMeter(model, comps, snapshot="all")
     _, m = train_step(model, comps, batch, meter, opt_cls=torch.optim.SGD)
     assert m.flags == {"encoder": "zero_update"}
     assert m.D["encoder"] == 0.0 and m.update_norms["encoder"] == 0.0
@@ -192,16 +192,16 @@ def test_every_k_and_no_tokens():
     model = ToyMLLM()
     comps = Components.from_model(model, TWO, lrs=0.05)
     meter = BalanceMeter(model, comps, every=3)
-    assert [meter.due(s) for s in range(4)] == [True, False, False, True]
+    assert [meter.due(s) for s in range(6)] == [False, False, True, False, False, True]
     _, m = train_step(model, comps, make_batch(), meter, step=1)
     assert m is None
     batch = make_batch()
     batch["labels"][:] = -100
     meter.forward(batch)
-    meter.snapshot(3)
+    meter.snapshot(5)
     for p in model.parameters():
         p.data.add_(0.01)
-    m = meter.measure(3)
+    m = meter.measure(5)
     assert m.tokens == 0 and m.kappa is None and not m.valid
     assert all(v == 0.0 for v in m.D.values())
 
@@ -260,7 +260,11 @@ def test_meter_argument_errors():
     model = ToyMLLM()
     comps = Components.from_model(model, TWO, lrs=0.05)
     with pytest.raises(ValueError, match="every"):
-        BalanceMeter(model, comps, every=0)
+        BalanceMeter(model, comps, every=-1)
+    with pytest.raises(ValueError, match="snapshot"):
+        BalanceMeter(model, comps, snapshot="some")
+    with pytest.raises(ValueError, match="reference"):
+        BalanceMeter(model, comps, reference="guess")
     with pytest.raises(ValueError, match="dropout"):
         BalanceMeter(model, comps, dropout="maybe")
     with pytest.raises(ValueError, match="rows"):
@@ -318,7 +322,7 @@ def test_sharded_meter_sums_update_norms_over_ranks():
             calls.append(t.clone())
             t.mul_(2)
 
-        meter = BalanceMeter(model, comps, all_reduce=twice, sharded=sharded)
+        meter = BalanceMeter(model, comps, all_reduce=twice, sharded=sharded, snapshot="all")
         opt = torch.optim.SGD(comps.param_groups())
         F.cross_entropy(meter.forward(batch), targets(batch)).backward()
         meter.snapshot(0)

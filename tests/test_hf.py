@@ -402,7 +402,10 @@ def test_trainer_two_steps_every_class(kind, tmp_path):
     before = params_of(model, frozen)
     comps = build_components(model, "encoder", lrs={"encoder": 2e-3, "llm": 1e-3})
     data = Batches([make_batch(kind, model, seed=s) for s in range(2)])
-    cb, rec = CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1)), Recorder()
+    cb, rec = (
+        CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1, exact=True)),
+        Recorder(),
+    )
     trainer = CoMMITTrainer(
         model=model,
         args=args(tmp_path),
@@ -427,7 +430,9 @@ def test_full_forward_fallback_without_adapter(tmp_path):
     model = build("llava")
     comps = build_components(model, "encoder", lrs=1e-3)
     data = Batches([make_batch("llava", model, seed=s) for s in range(2)])
-    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1), adapter=None)
+    cb = CoMMITCallback(
+        comps, CoMMITConfig(strategy="commit_clr", window=1, exact=True), adapter=None
+    )
     CoMMITTrainer(
         model=model, args=args(tmp_path), train_dataset=data, data_collator=collate, callbacks=[cb]
     ).train()
@@ -461,6 +466,7 @@ def _core_run(model, batches, lrs, cfg, clip=1.0):
 def test_hf_path_equals_core_loop(strategy, tmp_path):
     steps = 6
     cfg = dict(strategy=strategy, window=2, gamma=0.3, cd_named_steps=2, cd_other_steps=1)
+    cfg["exact"] = True  # every step measured: the two paths are compared step by step
     model = build("llava")
     twin = copy.deepcopy(model)
     batches = [make_batch("llava", model, rows=3, seed=s) for s in range(steps)]
@@ -498,7 +504,7 @@ def test_factor_multiplies_trainer_schedule(tmp_path):
     model = build("llava")
     batches = [make_batch("llava", model, seed=s) for s in range(steps)]
     comps = build_components(model, "encoder", lrs={"encoder": 2e-3, "llm": 1e-3})
-    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1, gamma=0.5))
+    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1, gamma=0.5, exact=True))
     trainer = CoMMITTrainer(
         model=model,
         args=args(tmp_path, steps=steps, lr_scheduler_type="cosine", warmup_steps=2),
@@ -524,7 +530,7 @@ def test_factor_multiplies_trainer_schedule(tmp_path):
 # ---- checkpoints --------------------------------------------------------------------------------
 def test_resume_restores_factors_and_window(tmp_path):
     steps = 6
-    cfg = dict(strategy="commit", window=3, gamma=0.3)
+    cfg = dict(strategy="commit", window=3, gamma=0.3, every=2)  # estimates at steps 1, 3, 5
     model = build("llava")
     fresh = copy.deepcopy(model)
     batches = [make_batch("llava", model, seed=s) for s in range(steps)]
@@ -597,7 +603,10 @@ def test_sft_trainer_two_steps(tmp_path):
         gradient_checkpointing=False,
         max_length=None,
     )
-    cb, rec = CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1)), Recorder()
+    cb, rec = (
+        CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1, exact=True)),
+        Recorder(),
+    )
     trainer = commit_trainer_class(trl.SFTTrainer)(
         model=model,
         args=cfg,

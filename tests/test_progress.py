@@ -50,7 +50,7 @@ def test_progress_matches_brute_force_in_eval_mode(wrapped):
     patterns = {k: [("inner." if wrapped else "") + p for p in v] for k, v in TWO.items()}
     comps = Components.from_model(model, patterns, lrs=0.05)
     forward = (lambda m, b: m(b)) if wrapped else None
-    meter = BalanceMeter(model, comps, forward)
+    meter = BalanceMeter(model, comps, forward, snapshot="all", keep_snapshot=True)
     old = copy.deepcopy(inner)
     _step(model, comps, meter, make_batch(seed=0))
     heldout = make_batch(rows=5, seed=1)
@@ -70,7 +70,7 @@ def test_progress_leaves_weights_grads_mode_and_rng_untouched():
     torch.manual_seed(0)
     model = ToyMLLM(dropout=0.3)
     comps = Components.from_model(model, TWO, lrs=0.05)
-    meter = BalanceMeter(model, comps)
+    meter = BalanceMeter(model, comps, snapshot="all", keep_snapshot=True)
     _step(model, comps, meter, make_batch())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -89,7 +89,7 @@ def test_progress_rows_measure_the_first_rows_only():
     torch.manual_seed(0)
     model = ToyMLLM()
     comps = Components.from_model(model, TWO, lrs=0.05)
-    meter = BalanceMeter(model, comps)
+    meter = BalanceMeter(model, comps, snapshot="all", keep_snapshot=True)
     _step(model, comps, meter, make_batch())
     full = make_batch(rows=6, seed=4)
     first = {k: v[:2] for k, v in full.items()}
@@ -105,7 +105,7 @@ def test_progress_flags_a_component_that_did_not_move():
     torch.manual_seed(0)
     model = ToyMLLM()
     comps = Components.from_model(model, TWO, lrs={"encoder": 0.0, "llm": 0.05})
-    meter = BalanceMeter(model, comps)
+    meter = BalanceMeter(model, comps, snapshot="all", keep_snapshot=True)
     _step(model, comps, meter, make_batch())
     pm = measure_progress(meter, make_batch(seed=2), step=0)
     assert pm.flags == {"encoder": "zero_update"}

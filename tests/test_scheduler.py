@@ -7,6 +7,7 @@ import torch
 
 from commit_mllm import CoordinatedLR, FactorController, project_log_factors, shared_schedule
 from commit_mllm.diagnostics import BalanceTracker, imbalance
+from commit_mllm.scheduler import RESPONSE_SLOPE, integral_gain
 
 
 def make_opt(enc_lr=1e-3, llm_lr=1e-4):
@@ -29,19 +30,19 @@ def run(
     sched = CoordinatedLR(opt, total, warmup, schedule, controller=ctrl)
     tracker = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=N)
     lrs = [sched.get_last_lr()]
-    for k in kappas:
+    for step, k in enumerate(kappas):
         D = {"encoder": 1e-4, "llm": 1e-4 * k}
-        st = tracker.update(_measure(D))
+        st = tracker.update(_measure(D, step))
         sched.observe(tracker.last_z, st.z_bar, tracker.estimates)
         sched.step()
         lrs.append(sched.get_last_lr())
     return lrs, sched
 
 
-def _measure(D):
+def _measure(D, step=0):
     from commit_mllm import BalanceMeasurement
 
-    return BalanceMeasurement(0, D, D["llm"] / D["encoder"], {}, {}, {}, 10)
+    return BalanceMeasurement(step, D, D["llm"] / D["encoder"], {}, {}, {}, 10)
 
 
 def test_integral_exact_rates():
@@ -53,6 +54,34 @@ def test_integral_exact_rates():
         assert lr["encoder"] == pytest.approx(1e-3 * math.exp(lf), rel=1e-12)
         assert lr["llm"] == pytest.approx(1e-4 * math.exp(-lf), rel=1e-12)
         assert (lr["encoder"] / 1e-3) * (lr["llm"] / 1e-4) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_integral_gain_compounds_the_per_step_gain():
+    assert integral_gain(0.02, 1) == 0.02
+    assert integral_gain(0.02, 8) == pytest.approx((1 - 0.92**8) / 4, rel=1e-12)
+    assert integral_gain(0.02, 8) < 0.02 * 8 and integral_gain(0.02, 1000) <= 0.25
+    assert integral_gain(0.3, 5) == pytest.approx(1.5)  # 4 gamma >= 1: no compounding
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_k_does_not_change_the_integral_dynamics(k):
+    """On log kappa = e0 - 4 log f_enc (slope 2 in the LR ratio), K-step control lands where
+    the per-step controller does after the same number of steps, whatever K."""
+    e0, gamma, steps = 3.0, 0.03, 48
+
+    def final(every):
+        ctrl = FactorController(["encoder", "llm"], gamma=gamma, max_factor=1e9, min_estimates=1)
+        for t in range(every - 1, steps, every):
+            e = e0 - RESPONSE_SLOPE * ctrl.log_f["encoder"]
+            ctrl.update({"llm": e, "encoder": -e}, {}, t + 1, dt=every)
+        return ctrl.log_f["encoder"]
+
+    assert final(k) == pytest.approx(final(1), rel=1e-9)
+    naive = 0.0  # gamma * K per estimate instead: overshoots for K = 16
+    for _ in range(steps // k):
+        naive += gamma * k * (e0 - RESPONSE_SLOPE * naive)
+    if k == 16:
+        assert abs(naive - final(1)) > 0.1
 
 
 def test_proportional_exact_rates():

@@ -26,34 +26,56 @@ def meas(kappa, step=0):
 
 
 # ---- diagnostics -------------------------------------------------------------------------
+def feed(tracker, kappas, start=0, every=1):
+    """Estimates at steps start, start + every, ...; returns the last state."""
+    st = None
+    for i, k in enumerate(kappas):
+        st = tracker.update(meas(k, start + i * every))
+    return st
+
+
 def test_kappa_bar_is_the_geometric_mean_and_states():
     tr = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=4)
-    for k in (2.0, 8.0, 0.5, 4.0):
-        st = tr.update(meas(k))
+    st = feed(tr, (2.0, 8.0, 0.5, 4.0))
     assert st.kappa_bar == pytest.approx((2 * 8 * 0.5 * 4) ** 0.25)
     assert st.bias_index == pytest.approx(abs(math.log(st.kappa_bar)))
     assert st.state == "balanced"  # log(2) < log(3)
-    for _ in range(4):
-        st = tr.update(meas(50.0))
+    st = feed(tr, [50.0] * 4, start=4)
     assert st.state == "biased-to-llm" and not st.collapse
-    for _ in range(4):
-        st = tr.update(meas(1e-3))
+    st = feed(tr, [1e-3] * 4, start=8)
     assert st.state == "biased-to-encoder"
-    for _ in range(4):
-        st = tr.update(meas(1e3))
+    st = feed(tr, [1e3] * 4, start=12)
     assert st.collapse  # log kappa_bar = 6.9 > 5
+
+
+def test_window_is_counted_in_steps():
+    """Every K steps the window of N steps holds ceil(N / K) estimates; N is not K-stretched."""
+    tr = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=8, every=4)
+    assert tr.needed == 2
+    st = tr.update(meas(2.0, 3))
+    assert st.state == "warming_up" and st.kappa_bar == pytest.approx(2.0)
+    st = tr.update(meas(0.5, 7))
+    assert st.state == "balanced" and st.kappa_bar == pytest.approx(1.0)
+    st = tr.update(meas(8.0, 11))  # step 3 has left the window (11 - 8 = 3)
+    assert st.kappa_bar == pytest.approx(2.0) and st.estimates == 3
+    st = tr.update(meas(1.0, 30))  # after a gap only the newest remains
+    assert st.kappa_bar == pytest.approx(1.0)
 
 
 def test_oscillation_needs_swings_of_the_smoothed_value():
     rng = random.Random(0)
     noisy = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=10)
-    for _ in range(200):
-        st = noisy.update(meas(math.exp(rng.gauss(0, 2.5))))
+    st = feed(noisy, [math.exp(rng.gauss(0, 2.5)) for _ in range(200)])
     assert st.state == "balanced"  # raw flips from noise alone are not oscillation
     swing = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=5)
-    for t in range(200):
-        st = swing.update(meas(math.exp(4.0 if (t // 15) % 2 else -4.0)))
+    st = feed(swing, [math.exp(4.0 if (t // 15) % 2 else -4.0) for t in range(200)])
     assert st.state == "oscillating" and st.flip_rate > 0.05 and st.oscillation_index > 1
+    # The same swings sampled every 3 steps: flip rate per step, same verdict.
+    sparse = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=6, every=3)
+    kappas = [math.exp(4.0 if (3 * t // 15) % 2 else -4.0) for t in range(67)]
+    st3 = feed(sparse, kappas, every=3)
+    assert st3.state == "oscillating"
+    assert st3.flip_rate == pytest.approx(st.flip_rate, rel=0.35)
 
 
 def test_tracker_skips_estimates_without_signal_and_round_trips():
@@ -63,12 +85,11 @@ def test_tracker_skips_estimates_without_signal_and_round_trips():
     )
     tr.update(bad)
     assert tr.estimates == 0 and tr.last_z is None
-    for k in (2.0, 3.0, 5.0, 0.1):
-        tr.update(meas(k))
+    feed(tr, (2.0, 3.0, 5.0, 0.1), start=1)
     twin = BalanceTracker(["encoder", "llm"], ("llm", "encoder"), window=3)
     twin.load_state_dict(copy.deepcopy(tr.state_dict()))
     assert twin.state == tr.state
-    assert twin.update(meas(7.0)) == tr.update(meas(7.0))
+    assert twin.update(meas(7.0, 5)) == tr.update(meas(7.0, 5))
 
 
 def test_kappa_target_shifts_the_imbalance():
@@ -117,6 +138,7 @@ def test_lagging_only_sends_the_bonus_to_one_component():
 
 # ---- strategies and the facade -----------------------------------------------------------
 def run(strategy, steps=12, total=None, **cfg):
+    cfg.setdefault("exact", "every" not in cfg and "rows" not in cfg)
     torch.manual_seed(0)
     model = ToyMLLM(dropout=0.1)
     comps = Components.from_model(model, TWO, lrs={"encoder": 1e-2, "llm": 1e-2})
@@ -215,7 +237,7 @@ def test_facade_state_round_trip_continues_identically():
     model = ToyMLLM()
     comps = Components.from_model(model, TWO, lrs={"encoder": 1e-2, "llm": 1e-2})
     opt = torch.optim.AdamW(comps.param_groups())
-    fresh = CoMMIT(model, opt, comps, CoMMITConfig(window=3, gamma=0.1), total_steps=10)
+    fresh = CoMMIT(model, opt, comps, CoMMITConfig(window=3, gamma=0.1, exact=True), total_steps=10)
     fresh.load_state_dict(state)
     assert fresh.scheduler.get_last_lr() == hist_a[6][0].lrs
     assert fresh.tracker.state == hist_a[5][0].balance
@@ -232,3 +254,39 @@ def test_config_validation_names_the_key():
         CoMMITConfig(rows=0)
     assert CoMMITConfig(strategy="commit").effective_alpha == 0.1
     assert CoMMITConfig(strategy="ogm_ge").effective_control == "none"
+
+
+def test_every_k_steps_an_estimate_stands_for_k_steps():
+    from commit_mllm.scheduler import integral_gain
+
+    *_, commit, history = run("commit", steps=8, every=4, rows=None, window=1, gamma=0.05)
+    reports = [h[0] for h in history]
+    assert [r.step for r in reports if r.measurement is not None] == [3, 7]
+    # Gradient norms are sampled with kappa; kappa_bar is held between estimates.
+    assert [bool(r.grad_norms) for r in reports] == [False, False, False, True] * 2
+    assert reports[5].balance == reports[4].balance == reports[3].balance
+    log_f = 0.0
+    for r in reports:
+        if r.measurement is not None:
+            log_f += integral_gain(0.05, 4) * math.log(r.measurement.kappa)
+            assert math.log(r.factors["encoder"]) == pytest.approx(log_f, rel=1e-9)
+    assert commit.state_dict()["last_estimate"] == 7
+
+
+def test_measuring_frequency_per_strategy_and_off_switch():
+    assert CoMMITConfig().effective_every == 16 and CoMMITConfig().effective_rows == 0.25
+    assert CoMMITConfig(exact=True).effective_every == 1
+    assert CoMMITConfig(exact=True).effective_rows is None
+    assert CoMMITConfig(every=4, diagnostics_every=0).effective_every == 4  # commit steers
+    assert CoMMITConfig(strategy="ogm_ge", diagnostics_every=0).effective_every == 16
+    assert CoMMITConfig(strategy="constant", every=4).effective_every == 4
+    assert CoMMITConfig(strategy="constant", every=4, diagnostics_every=2).effective_every == 2
+    assert CoMMITConfig(strategy="feature_cd", diagnostics_every=0).effective_every == 0
+    with pytest.raises(ValueError, match=r"commit.every = 0 is invalid"):
+        CoMMITConfig(every=0)
+    with pytest.raises(ValueError, match=r"commit.diagnostics_every = -1 is invalid"):
+        CoMMITConfig(diagnostics_every=-1)
+    # Switched off: no estimate ever (step 0 included), no snapshot, no gradient norms.
+    _model, _, _, commit, history = run("constant", steps=10, every=1, diagnostics_every=0)
+    assert all(h[0].measurement is None and not h[0].grad_norms for h in history)
+    assert commit.meter.reference is None and not commit.meter.saved.alive

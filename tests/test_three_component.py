@@ -72,7 +72,9 @@ def test_vision_audio_llm_trains_three_steps_with_finite_kappa_c():
     ids = batch["input_ids"]
     assert (ids == parts.collator.image_token_id).sum() == 4
     assert (ids == parts.collator.audio_token_id).sum() == 4
-    out = bench.train_run(parts, "commit", steps=3, seed=0, batch_size=4, log=lambda _m: None)
+    out = bench.train_run(
+        parts, "commit", steps=3, seed=0, batch_size=4, log=lambda _m: None, exact=True
+    )
     last = out["records"][-1]
     for c in ("vision", "audio", "llm"):
         assert math.isfinite(last[f"kappa_c/{c}"]) and last[f"kappa_c/{c}"] > 0

@@ -276,6 +276,7 @@ def test_demo_runs_end_to_end_on_tiny_parts(tmp_path, capsys):
         "train.warmup_steps=0",
         "data.max_eval_samples=8",
         "data.max_train_samples=32",
+        "commit.exact=true",  # 3 steps: measure each, so the kappa plot has points
         *QUIET,
     ]
     assert main(["demo", "--output-dir", str(tmp_path), *over]) == 0

@@ -25,6 +25,7 @@ from .components import (
 )
 from .coordinator import CoMMIT, StepReport
 from .diagnostics import BalanceState, BalanceTracker, imbalance, target_log_weights
+from .lookahead import Lookahead, Reference
 from .regularizer import EntropyRegularizer, mean_entropy
 from .scheduler import (
     CONTROLS,
@@ -34,6 +35,7 @@ from .scheduler import (
     project_log_factors,
     shared_schedule,
 )
+from .snapshot import ParameterSnapshot
 from .strategies import STRATEGIES, CoMMITConfig, Strategy
 
 __version__ = "0.1.0"
@@ -56,6 +58,9 @@ __all__ = [
     "EntropyRegularizer",
     "FactorController",
     "ForwardFn",
+    "Lookahead",
+    "ParameterSnapshot",
+    "Reference",
     "StepReport",
     "Strategy",
     "causal_lm_forward",

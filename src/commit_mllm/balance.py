@@ -11,17 +11,23 @@ theta_t -> theta_{t+1}; Delta_c is the part of that step on component c. On the 
     kappa_c  = D_c / geometric_mean(D_1 .. D_n)        (n components)
     share_c  = D_c / sum_c' D_c'
 
-Symbols -> variables: theta_t -> the snapshot taken by :meth:`BalanceMeter.snapshot`;
-theta_{t+1} -> the model's parameters after ``optimizer.step()``; p_t -> ``ref_logits``;
-p_t^(c) -> the lookahead logits of branch c; D_c -> ``BalanceMeasurement.D[c]``; kappa_t ->
-``BalanceMeasurement.kappa``; kappa_c -> ``BalanceMeasurement.kappa_c[c]``.
+Symbols -> variables: theta_t -> the :class:`~commit_mllm.snapshot.ParameterSnapshot` taken
+by :meth:`BalanceMeter.snapshot`; theta_{t+1} -> the model's parameters after
+``optimizer.step()``; p_t -> ``Reference.logits``; p_t^(c) -> the lookahead logits of branch
+c; D_c -> ``BalanceMeasurement.D[c]``; kappa_t -> ``BalanceMeasurement.kappa``; kappa_c ->
+``BalanceMeasurement.kappa_c[c]``; K -> ``every``.
 
-Cost: one no-grad forward per moving component. A branch whose component does not touch
-the encoder pathway reuses the encoder outputs cached from the training forward through the
-:class:`CachedEncoderModel` protocol, so it skips the encoder. Dropout masks are replayed:
-the RNG state captured before the training forward (and before the LLM, for the cached
-branch) is restored before every lookahead, so p_t and every p_t^(c) see the same masks.
-The meter restores the parameters bitwise and never touches gradients or optimizer state.
+Cost: one no-grad forward per moving component, every K steps, on the first rows. A branch
+whose component does not touch the encoder pathway reuses the encoder outputs cached from the
+training forward (:class:`~commit_mllm.lookahead.CachedEncoderModel`). p_t comes from the
+training forward: on a row subset it is sliced from it when that forward was deterministic,
+else rerun at theta_t on the subset (the LLM part only when only the LLM drew random
+numbers). theta_t is kept only for the components some branch reads
+at theta_t (with cached encoder outputs, an encoder-only component's theta_t is never read).
+Dropout masks are replayed (the RNG states captured before the training forward and before
+the LLM are restored before every lookahead), so p_t and every p_t^(c) see the same masks.
+The meter restores parameters and buffers bitwise and never touches gradients or optimizer
+state.
 """
 
 from __future__ import annotations
@@ -29,20 +35,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .components import Components
+from .lookahead import (
+    CachedEncoderModel,
+    ForwardFn,
+    Lookahead,
+    Reference,
+    causal_lm_forward,
+    select_rows,
+    supervised_mask,
+)
+from .snapshot import OLD, ParameterSnapshot
 
 __all__ = [
     "BalanceMeasurement",
     "BalanceMeter",
     "CachedEncoderModel",
     "ForwardFn",
+    "Reference",
     "causal_lm_forward",
     "kl_sum",
     "select_rows",
@@ -51,83 +68,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ForwardFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
-"""``forward_fn(model, batch) -> logits [T, V]`` at the supervised positions.
-
-Row-major order: row ``k`` of the result is the prediction for the ``k``-th ``True`` entry
-of :func:`supervised_mask` (``labels[:, 1:] != -100``) read row by row.
-"""
-
-
-@runtime_checkable
-class CachedEncoderModel(Protocol):
-    """The model side of the meter's cached-encoder branch (a structural protocol).
-
-    A model that implements these methods lets every branch whose component owns no
-    parameter of the encoder pathway skip the encoder: it reuses the features cached from
-    the training forward. Without them the meter falls back to a full forward per branch.
-
-    ``decode(batch, encode(batch))`` must equal the model's full supervised-logits forward.
-    """
-
-    def encode(self, batch: Mapping[str, Any]) -> Any:
-        """Run the modality pathway only; return features (tensors, first dim = rows)."""
-
-    def decode(self, batch: Mapping[str, Any], features: Any) -> torch.Tensor:
-        """Run the rest of the model; return logits [T, V] at the supervised positions."""
-
-    def encoder_parameters(self) -> Iterable[nn.Parameter]:
-        """Every parameter that :meth:`encode` reads."""
-
-
-def supervised_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Positions whose next token is supervised.
-
-    Args:
-        labels: [B, L] token labels, ``ignore_index`` where unsupervised.
-        ignore_index: The label value that marks unsupervised tokens.
-
-    Returns:
-        [B, L-1] bool mask; ``logits[:, :-1][mask]`` pairs with ``labels[:, 1:][mask]``.
-    """
-    return labels[:, 1:] != ignore_index
-
-
-def causal_lm_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Default :data:`ForwardFn` for any model returning ``.logits`` [B, L, V].
-
-    Calls ``model(**inputs)`` with every tensor of ``batch`` except ``labels`` and keeps the
-    logits at the supervised positions. Models that can compute logits at chosen positions
-    only (much cheaper with a large vocabulary) should pass their own forward function.
-
-    Returns:
-        [T, V] logits in the row-major order of :func:`supervised_mask`.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
-    logits = model(**inputs).logits
-    return logits[:, :-1][supervised_mask(batch["labels"])]
-
-
-def select_rows(batch: Mapping[str, Any], n_rows: int) -> dict[str, Any]:
-    """The first ``n_rows`` rows of a batch: every tensor or list whose length is the batch size.
-
-    Args:
-        batch: A batch with ``labels`` [B, L].
-        n_rows: Rows to keep.
-
-    Returns:
-        A new dict; entries without a batch dimension are kept whole.
-    """
-    size = batch["labels"].shape[0]
-    out = {}
-    for k, v in batch.items():
-        if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size) or (
-            isinstance(v, (list, tuple)) and len(v) == size
-        ):
-            out[k] = v[:n_rows]
-        else:
-            out[k] = v
-    return out
+REFERENCES = ("auto", "slice", "recompute")
+# ``reference="auto"``: slicing p_t is kept when its numerical noise (KL between the sliced
+# and the recomputed subset logits at equal parameters) stays below this share of min D_c.
+SLICE_NOISE_SHARE = 0.01
 
 
 def kl_sum(
@@ -172,7 +116,7 @@ class BalanceMeasurement:
         flags: Component -> ``"frozen"`` (no trainable parameter) or ``"zero_update"``
             (its update was exactly zero); such a component's D_c is 0.
         tokens: Supervised tokens the estimate averaged over (all ranks).
-        update_norms: Component -> ||Delta_c||_2.
+        update_norms: Component -> ||Delta_c||_2, for the components whose theta_t was kept.
         pair: The (numerator, denominator) components of ``kappa``.
     """
 
@@ -196,60 +140,30 @@ class BalanceMeasurement:
         return {c: math.log(v) for c, v in self.kappa_c.items()}
 
 
-@dataclass
-class _Reference:
-    """What the lookahead branches compare against: p_t, cached features, RNG states."""
-
-    logits: torch.Tensor
-    batch: Mapping[str, Any]
-    features: Any = None
-    rng_start: Any = None
-    rng_decode: Any = None
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _detach(tree: Any) -> Any:
-    if torch.is_tensor(tree):
-        return tree.detach()
-    if isinstance(tree, Mapping):
-        return {k: _detach(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_detach(v) for v in tree)
-    return tree
-
-
 class BalanceMeter:
     """Measures D_c and kappa after an optimizer step (see the module docstring).
 
-    Use: ``logits = meter.forward(batch)`` for the training forward (it keeps p_t, the
-    cached encoder features and the RNG states); then ``meter.snapshot(step)`` before
-    ``optimizer.step()`` and ``meter.measure(step)`` after it. Both do nothing on steps
-    that are not due (every ``every`` steps).
+    Use: ``logits = meter.forward(batch)`` for the training forward (it keeps the
+    :class:`~commit_mllm.lookahead.Reference`); ``meter.snapshot(step)`` right before every
+    ``optimizer.step()`` and ``meter.measure(step)`` right after it. Steps that are not due
+    cost nothing beyond the recording. The lookahead machinery is public for other
+    measurements on the same step: :meth:`at_theta_t`, :meth:`replay`, :meth:`subset`,
+    :attr:`reference`, and ``keep_snapshot`` to keep theta_t until the next snapshot.
 
     Args:
         model: The model being trained.
         components: Its components (see :class:`~commit_mllm.components.Components`).
         forward_fn: ``forward_fn(model, batch) -> logits [T, V]``; defaults to the model's
-            ``decode(batch, encode(batch))`` when it implements :class:`CachedEncoderModel`,
+            ``decode(batch, encode(batch))`` when it implements the cached-encoder protocol,
             else :func:`causal_lm_forward`.
-        every: K, estimate every K steps (step % K == 0).
+        every: K: estimate at the steps with ``(step + 1) % K == 0`` (the last step of every
+            block of K); 0 never measures (the forward is then a plain forward).
         rows: Measure on the first rows of the batch only: an int (rows) or a float in
             (0, 1] (fraction, rounded up). None = all rows.
         autocast: Context-manager factory used for the training forward, reused for every
             lookahead (e.g. ``accelerator.autocast``). None = no autocast.
         dropout: ``"replay"`` replays the training forward's RNG so every branch sees its
-            dropout masks; ``"off"`` measures in eval mode (one extra reference forward).
+            dropout masks; ``"off"`` measures in eval mode.
         eps: Floor of D_c before ratios.
         kappa_clip: Bounds of kappa and kappa_c.
         kl_dtype: Dtype of log-softmax and KL (float64 default; float32 halves memory).
@@ -262,8 +176,21 @@ class BalanceMeter:
             gets the same D_c from the global batch (per-component KL sums and token counts).
         sharded: Parameters are shards (FSDP ``use_orig_params``): update norms and the
             zero-update test are summed over ranks (needs ``all_reduce``), and theta_t /
-            theta_{t+1} are swapped by copying values into the shards, never by swapping
-            storage (the shards are views that FSDP gathers from).
+            theta_{t+1} are swapped by copying values into the shards.
+        snapshot: ``"needed"`` keeps theta_t only for the components a branch reads at
+            theta_t (unless it is offloaded, when every component's is kept); ``"all"`` for
+            every trainable component (every update norm is logged, and :meth:`at_theta_t`
+            works for every component).
+        offload: Keep theta_t in host memory (only for parameters on CUDA); None = when the
+            parameters are on CUDA.
+        reference: p_t on a row subset: cut from a deterministic training forward
+            (``"slice"``; ``"auto"`` checks once that this adds under 1% of the smallest D_c,
+            else reruns from then on), else rerun at theta_t on the rows, the LLM part only
+            when only it drew random numbers; ``"recompute"`` always reruns it whole.
+        keep_snapshot: Keep theta_t after :meth:`measure` until the next :meth:`snapshot`
+            or :meth:`release` (for measurements on the next batch).
+        dense_steps: Also estimate at every step below this one (the first steps move the
+            most: Adam's first updates, warmup), then every K.
     """
 
     def __init__(
@@ -284,49 +211,50 @@ class BalanceMeter:
         pair: tuple[str, str] | None = None,
         all_reduce: Callable[[torch.Tensor], Any] | None = None,
         sharded: bool = False,
+        snapshot: str = "needed",
+        offload: bool | None = None,
+        reference: str = "auto",
+        keep_snapshot: bool = False,
+        dense_steps: int = 0,
     ):
-        if sharded and all_reduce is None:
-            raise ValueError("sharded parameters need all_reduce (norms are summed over ranks)")
-        if every < 1:
-            raise ValueError(f"every (K) must be >= 1, got {every}")
-        if dropout not in ("replay", "off"):
-            raise ValueError(f"dropout must be 'replay' or 'off', got {dropout!r}")
-        if rows is not None and not (
-            (isinstance(rows, int) and rows >= 1) or (isinstance(rows, float) and 0 < rows <= 1)
-        ):
-            raise ValueError(f"rows must be an int >= 1 or a fraction in (0, 1], got {rows!r}")
-        self.model = model
-        self.components = components
-        # The cache is used only when the model's own encode/decode is the forward.
-        self.cached = forward_fn is None and isinstance(model, CachedEncoderModel)
-        self.forward_fn = forward_fn or (_adapter_forward if self.cached else causal_lm_forward)
+        _check_args(every, rows, snapshot, reference, sharded, all_reduce)
+        self.model, self.components = model, components
+        self.lookahead = Lookahead(
+            model, components, forward_fn, autocast=autocast, dropout=dropout
+        )
+        on_cuda = any(p.is_cuda for c in components for p in c.params)
+        offload = on_cuda if offload is None else offload and on_cuda
+        self.saved = ParameterSnapshot(
+            components, sharded=sharded, offload=offload, all_reduce=all_reduce
+        )
         self.every, self.rows, self.dropout = every, rows, dropout
-        self.autocast = autocast or contextlib.nullcontext
         self.eps, self.kappa_clip = eps, kappa_clip
         self.kl_dtype, self.kl_chunk = kl_dtype, kl_chunk
         self.skip_zero_update, self.all_reduce = skip_zero_update, all_reduce
-        self.sharded = sharded
+        self.snapshot_scope, self.reference_mode = snapshot, reference
+        self.keep_snapshot, self.dense_steps = keep_snapshot, dense_steps
         self.pair = pair or _default_pair(components.names)
-        self._cacheable = self._cacheable_components()
-        self._ref: _Reference | None = None
-        self._old: dict[str, list[torch.Tensor]] | None = None
-        self._state: dict[str, str] = {}
-        if forward_fn is None and not self.cached:
-            logger.info(
-                "balance meter: %s does not implement encode/decode/encoder_parameters; "
-                "every branch runs a full forward (no cached encoder outputs)",
-                type(model).__name__,
-            )
+        self.epoch = 0
+        self._ref: Reference | None = None
+        self._plan: str | None = None
+        self._slice_ok: bool | None = None
 
-    def _cacheable_components(self) -> set[str]:
-        if not self.cached:
-            return set()
-        enc = {id(p) for p in self.model.encoder_parameters()}
-        return {c.name for c in self.components if not any(id(p) in enc for p in c.params)}
+    @property
+    def cached(self) -> bool:
+        """True when lookaheads can start from the cached encoder outputs."""
+        return self.lookahead.cached
+
+    @property
+    def reference(self) -> Reference | None:
+        """The last training forward's :class:`~commit_mllm.lookahead.Reference`."""
+        return self._ref
 
     def due(self, step: int) -> bool:
-        """True when step ``step`` is an estimation step (every K steps)."""
-        return step % self.every == 0
+        """True when ``step`` is an estimation step: the last of every block of K steps.
+
+        Also every step below ``dense_steps``.
+        """
+        return self.every > 0 and (step < self.dense_steps or (step + 1) % self.every == 0)
 
     # ---- training forward -------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], via: nn.Module | None = None) -> torch.Tensor:
@@ -344,174 +272,232 @@ class BalanceMeter:
         Returns:
             [T, V] logits at the supervised positions, with grad.
         """
-        rng_start = _rng_state()
-        if self.cached and via is None:
-            features = self.model.encode(batch)
-            rng_decode = _rng_state()
-            logits = self.model.decode(batch, features)
-            features = _detach(features)
-        else:
-            features, rng_decode = None, None
-            fn = self.forward_fn if via is None or not self.cached else causal_lm_forward
-            logits = fn(via or self.model, batch)
-        self._ref = _Reference(logits.detach(), batch, features, rng_start, rng_decode)
+        if self.every == 0:
+            la = self.lookahead
+            fn = la.forward_fn if via is None or not la.cached else causal_lm_forward
+            return fn(via or self.model, batch)
+        logits, self._ref = self.lookahead.record(batch, via, self.epoch)
         return logits
 
     # ---- before / after the optimizer step ----------------------------------------------
-    @torch.no_grad()
     def snapshot(self, step: int) -> None:
-        """Copy the trainable parameters theta_t (call right before ``optimizer.step()``)."""
-        self._old = None
-        if not self.due(step):
+        """Keep theta_t when ``step`` is due (call right before every ``optimizer.step()``).
+
+        Also drops a snapshot kept from the previous step and counts the parameter version.
+        """
+        self.saved.release()
+        self._plan = None
+        ref, self.epoch = self._ref, self.epoch + 1
+        if not self.due(step) or ref is None or ref.epoch != self.epoch - 1:
             return
-        self._old = {c.name: [p.detach().clone() for p in c.params] for c in self.components}
-        self._state = {c.name: "new" for c in self.components}
+        self._plan = self._reference_plan(ref)
+        self.saved.take(self._needed(ref, self._plan), self.epoch - 1)
 
     def discard(self) -> None:
         """Forget the snapshot and the reference of a step that will not be measured."""
-        self._old, self._ref = None, None
+        self.saved.release()
+        self._ref, self._plan = None, None
 
-    @torch.no_grad()
+    def release(self) -> None:
+        """Drop a kept snapshot (parameters stay at theta_{t+1})."""
+        self.saved.release()
+
     def measure(self, step: int) -> BalanceMeasurement | None:
         """Estimate D_c and kappa for the step just taken (call right after ``optimizer.step()``).
 
         Returns:
             The measurement, or None when this step was not due (or never snapshotted).
         """
-        if self._old is None or self._ref is None:
+        ref = self._ref
+        if not self.saved.alive or self._plan is None or ref is None:
             return None
+        check = self._plan == "slice" and self.reference_mode == "auto" and self._slice_ok is None
         try:
-            # Lookaheads replay RNG states; training randomness resumes where it was.
-            with torch.random.fork_rng(devices=_cuda_devices()):
-                return self._measure(step)
+            with self.lookahead.preserved():
+                m = self._measure(step, ref)
         finally:
-            self._set_state({c: "new" for c in self._state})
-            self._old = None
+            self.saved.set({})
+            self._plan = None
+            if not self.keep_snapshot:
+                self.saved.release()
+        if check:  # once, after theta_t is dropped: it needs theta_{t+1} only
+            with self.lookahead.preserved():
+                if not self._accept_slicing(ref, m):
+                    return None
+        return m
 
-    def _measure(self, step: int) -> BalanceMeasurement:
-        norms, flags = self._update_norms()
-        ref = self._reference()
+    # ---- public lookahead tools (for other measurements on the same update) --------------
+    @contextlib.contextmanager
+    def at_theta_t(self, *names: str) -> Iterator[None]:
+        """Within the block the named components (default: every kept one) are at theta_t.
+
+        The others stay at theta_{t+1}. Needs a live snapshot (after :meth:`snapshot` of a
+        due step; after :meth:`measure` only with ``keep_snapshot``). Exit the block before
+        any backward through a graph built outside it.
+        """
+        if not self.saved.alive:
+            raise RuntimeError("no theta_t is kept: call at_theta_t between snapshot and release")
+        with self.saved.at(names or list(self.saved.saved)):
+            yield
+
+    def replay(self, ref: Reference | None = None) -> torch.Tensor:
+        """A no-grad forward on ``ref`` (default: :attr:`reference`) at the current states.
+
+        Replays the reference's RNG states; starts from its cached encoder outputs when every
+        component of the encoder pathway is at the version those outputs were computed at.
+        Buffers and the training RNG are left as they were.
+
+        Returns:
+            [T, V] logits at the supervised positions of ``ref.batch``.
+        """
+        ref = ref or self._require_ref()
+        use_cache = ref.features is not None and all(
+            self._version(c) == ref.epoch for c in self.lookahead.encoder_side
+        )
+        with self.lookahead.preserved():
+            return self.lookahead.run(ref, use_cache)
+
+    def subset(self, rows: int | float, ref: Reference | None = None) -> Reference:
+        """``ref`` (default: :attr:`reference`) restricted to its first rows.
+
+        Its logits are sliced from ``ref`` when that forward was deterministic; otherwise
+        they are recomputed on the rows at the current states (replaying ``ref``'s RNG).
+        """
+        ref = ref or self._require_ref()
+        n = self.lookahead.n_rows(ref, rows)
+        if n is None:
+            return ref
+        if self.lookahead.can_slice(ref):
+            return self.lookahead.slice(ref, n)
+        with self.lookahead.preserved():
+            return self.lookahead.recompute(ref, n, self.epoch)
+
+    def state_dict(self) -> dict:
+        """The meter's own state: the outcome of the one-time slicing check."""
+        return {"slice_ok": self._slice_ok}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._slice_ok = state.get("slice_ok")
+
+    # ---- internals -------------------------------------------------------------------------
+    def _require_ref(self) -> Reference:
+        if self._ref is None:
+            raise RuntimeError("no training forward recorded yet (call forward first)")
+        return self._ref
+
+    def _version(self, name: str) -> int:
+        if self.saved.alive and self.saved.state.get(name) == OLD:
+            return self.saved.epoch
+        return self.epoch
+
+    def _reference_plan(self, ref: Reference) -> str:
+        """Where p_t comes from: ``training``, ``slice``, ``redecode`` or ``recompute``.
+
+        ``redecode`` and ``recompute`` run at theta_t; ``redecode`` only the LLM part, on the
+        training forward's encoder outputs cut to the rows (deterministic encoder pathway).
+        """
+        n, la = self.lookahead.n_rows(ref, self.rows), self.lookahead
+        if n is None:
+            return "training" if self.dropout == "replay" or ref.deterministic else "recompute"
+        if self.reference_mode == "recompute":
+            return "recompute"
+        if ref.deterministic and self._slice_ok is not False:
+            return "slice"
+        return "redecode" if la.can_redecode(ref) and self.dropout == "replay" else "recompute"
+
+    def _needed(self, ref: Reference, plan: str) -> set[str]:
+        """Components whose theta_t some branch reads (see the module docstring)."""
+        names = {c.name for c in self.components.trainable}
+        la = self.lookahead
+        if self.snapshot_scope == "all" or plan == "recompute" or ref.features is None:
+            return names
+        if self.saved.offload:  # host memory: keeping it costs no device memory
+            return names
+        if plan in ("slice", "redecode") and not la.features_sliceable():
+            return names
+        full = [n for n in names if n in la.encoder_side]
+        if len(full) == 1 and full[0] in la.encoder_only:
+            names.discard(full[0])
+        return names
+
+    def _measure(self, step: int, ref: Reference) -> BalanceMeasurement:
+        norms, flags = self._flags()
+        ref = self._measured_reference(ref)
         moving = [c.name for c in self.components if c.name not in flags]
-        sums = []
-        for name in moving:
-            self._set_state({c: ("new" if c == name else "old") for c in self._state})
-            new_logits = self._branch(name, ref)
-            sums.append(kl_sum(ref.logits, new_logits, self.kl_chunk, self.kl_dtype))
+        sums = [
+            kl_sum(ref.logits, self._branch(n, ref), self.kl_chunk, self.kl_dtype) for n in moving
+        ]
         device = ref.logits.device
-        totals = torch.stack([*sums, torch.tensor(float(ref.logits.shape[0]), device=device)])
-        totals = totals.to(torch.float64)
+        tokens_t = torch.tensor(float(ref.logits.shape[0]), device=device)
+        totals = torch.stack([*sums, tokens_t]).to(torch.float64)
         if self.all_reduce is not None:
             self.all_reduce(totals)
-        tokens = round(float(totals[-1]))
+        values = totals.tolist()
+        tokens = round(values[-1])
         D = {c.name: 0.0 for c in self.components}
-        for name, s in zip(moving, totals[:-1].tolist()):
+        for name, s in zip(moving, values):
             D[name] = max(s / tokens, 0.0) if tokens else 0.0
+            if D[name] == 0.0 and self.skip_zero_update and name not in self.saved.saved:
+                flags[name] = "zero_update"  # no theta_t to compare: no measurable change
         return self._summarize(step, D, flags, tokens, norms)
 
-    def _update_norms(self) -> tuple[dict[str, float], dict[str, str]]:
-        moving = [c for c in self.components if not c.frozen]
-        # Per moving component: sum of squared update entries and the count of parameters
-        # that changed at all (a zero norm can hide sub-normal differences).
-        stats = torch.zeros(2 * len(moving), dtype=torch.float64)
-        for i, c in enumerate(moving):
-            old = self._old[c.name]
-            sq = [(p.detach().float() - o.float()).pow(2).sum() for p, o in zip(c.params, old)]
-            stats[2 * i] = float(torch.stack(sq).sum()) if sq else 0.0
-            stats[2 * i + 1] = sum(not torch.equal(p, o) for p, o in zip(c.params, old))
-        if self.sharded:
-            device = next((p.device for c in moving for p in c.params), stats.device)
-            stats = stats.to(device)
-            self.all_reduce(stats)
-            stats = stats.cpu()
-        norms = {c.name: 0.0 for c in self.components}
+    def _flags(self) -> tuple[dict[str, float], dict[str, str]]:
+        norms, zero = self.saved.update_norms()
         flags = {c.name: "frozen" for c in self.components if c.frozen}
-        for i, c in enumerate(moving):
-            norms[c.name] = math.sqrt(float(stats[2 * i]))
-            if self.skip_zero_update and stats[2 * i + 1] == 0:
-                flags[c.name] = "zero_update"
-        return norms, flags
+        if self.skip_zero_update:
+            unseen = self.saved.no_grad - set(self.saved.saved)  # skipped by the optimizer
+            for name in zero | unseen:
+                flags[name] = "zero_update"
+        return {c.name: norms.get(c.name) for c in self.components if c.name in norms}, flags
 
-    def _reference(self) -> _Reference:
-        """p_t: the training forward's logits, or a recomputation at theta_t when needed."""
-        ref = self._ref
-        batch = ref.batch
-        subset = self._n_rows(batch)
-        if subset is None and self.dropout == "replay":
+    def _measured_reference(self, ref: Reference) -> Reference:
+        n = self.lookahead.n_rows(ref, self.rows)
+        if self._plan == "training":
             return ref
-        if subset is not None:
-            batch = (
-                self.model.select_rows(batch, None, subset)[0]
-                if hasattr(self.model, "select_rows")
-                else select_rows(batch, subset)
-            )
-        # A row subset or dropout off changes the masks: recompute p_t at theta_t.
-        self._set_state({c: "old" for c in self._state})
-        rng = ref.rng_start
-        with self._mode():
-            _set_rng_state(rng)
-            with self.autocast():
-                if self.cached:
-                    features = self.model.encode(batch)
-                    rng_decode = _rng_state()
-                    logits = self.model.decode(batch, features)
-                else:
-                    features, rng_decode = None, None
-                    logits = self.forward_fn(self.model, batch)
-        return _Reference(logits, batch, features, rng, rng_decode)
+        if self._plan == "slice":
+            return self.lookahead.slice(ref, n)
+        # Stochastic forward on a subset (its masks differ), or dropout off: rerun at theta_t.
+        with self.saved.at(list(self.saved.saved)):
+            if self._plan == "redecode":
+                return self.lookahead.redecode(ref, n, self.saved.epoch)
+            return self.lookahead.recompute(ref, n, self.saved.epoch)
 
-    def _n_rows(self, batch: Mapping[str, Any]) -> int | None:
-        if self.rows is None:
-            return None
-        size = batch["labels"].shape[0]
-        n = self.rows if isinstance(self.rows, int) else math.ceil(self.rows * size)
-        return n if n < size else None
+    def _branch(self, name: str, ref: Reference) -> torch.Tensor:
+        """p_t^(c) logits: component ``name`` at theta_{t+1}, the others at theta_t."""
+        la = self.lookahead
+        use_cache = name not in la.encoder_side and ref.features is not None
+        others = [
+            n for n in self.saved.saved if n != name and not (use_cache and n in la.encoder_only)
+        ]
+        with self.saved.at(others):
+            return la.run(ref, use_cache)
 
-    def _branch(self, name: str, ref: _Reference) -> torch.Tensor:
-        """p_t^(c) logits: the current parameter state has only component ``name`` moved."""
-        with self._mode():
-            if name in self._cacheable and ref.features is not None:
-                _set_rng_state(ref.rng_decode)
-                with self.autocast():
-                    return self.model.decode(ref.batch, ref.features)
-            _set_rng_state(ref.rng_start)
-            with self.autocast():
-                return self.forward_fn(self.model, ref.batch)
+    def _accept_slicing(self, full: Reference, m: BalanceMeasurement) -> bool:
+        """The one-time check of ``reference="auto"`` (all ranks decide alike).
 
-    @contextlib.contextmanager
-    def _mode(self) -> Iterator[None]:
-        """Eval mode for ``dropout='off'``; the model's own mode otherwise."""
-        if self.dropout == "replay":
-            yield
-            return
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
-
-    def _set_state(self, target: Mapping[str, str]) -> None:
-        """Put each component at theta_t ("old") or theta_{t+1} ("new") by swapping buffers.
-
-        A parameter that owns its whole storage swaps storage with its snapshot (no copy; an
-        even number of swaps hands every parameter its own storage back). A parameter that is
-        a view into a larger buffer (FSDP / ZeRO flat parameters, always when ``sharded``)
-        swaps values by copying, so the buffer the wrapper reads sees the change.
+        Compares p_t cut from a full-batch forward with a forward on the rows alone, both at
+        theta_{t+1}: their KL per token must stay under 1% of the smallest D_c.
         """
-        for c in self.components:
-            want = target.get(c.name, "new")
-            if self._state.get(c.name) == want or c.frozen:
-                self._state[c.name] = want
-                continue
-            old = self._old[c.name]
-            for i, p in enumerate(c.params):
-                if not self.sharded and _owns_storage(p) and old[i].shape == p.shape:
-                    p.data, old[i] = old[i], p.data
-                else:
-                    tmp = p.detach().clone()
-                    p.detach().copy_(old[i])
-                    old[i].copy_(tmp)
-            self._state[c.name] = want
+        n = self.lookahead.n_rows(full, self.rows)
+        rows = self.lookahead.slice(full, n)
+        whole = self.lookahead.run(full, use_cache=False)[: rows.logits.shape[0]]
+        sub = self.lookahead.recompute(full, n, self.epoch)
+        noise = kl_sum(whole, sub.logits, self.kl_chunk, self.kl_dtype).reshape(1)
+        if self.all_reduce is not None:
+            self.all_reduce(noise)
+        per_token = float(noise) / m.tokens if m.tokens else 0.0
+        signal = min((d for d in m.D.values() if d > 0), default=0.0)
+        self._slice_ok = per_token <= SLICE_NOISE_SHARE * signal
+        if not self._slice_ok:
+            logger.warning(
+                "balance meter: p_t sliced from the training forward differs from a subset "
+                "forward by KL %.3g per token (%.1f%% of min D_c): recomputing p_t on the "
+                "subset from now on; this step's estimate is dropped",
+                per_token,
+                100 * per_token / signal if signal else float("inf"),
+            )
+        return self._slice_ok
 
     def _summarize(self, step, D, flags, tokens, norms) -> BalanceMeasurement:
         lo, hi = self.kappa_clip
@@ -527,18 +513,19 @@ class BalanceMeter:
         return BalanceMeasurement(step, D, kappa, kappa_c, shares, flags, tokens, norms, self.pair)
 
 
-def _owns_storage(p: torch.Tensor) -> bool:
-    """True when ``p`` is the only tensor in its storage (not a view into a flat buffer)."""
-    data = p.data
-    return (
-        data._base is None
-        and data.storage_offset() == 0
-        and data.untyped_storage().nbytes() == data.numel() * data.element_size()
-    )
-
-
-def _adapter_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    return model.decode(batch, model.encode(batch))
+def _check_args(every, rows, snapshot, reference, sharded, all_reduce) -> None:
+    if sharded and all_reduce is None:
+        raise ValueError("sharded parameters need all_reduce (norms are summed over ranks)")
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(f"every (K) must be an integer >= 0 (0 = never), got {every!r}")
+    if rows is not None and not (
+        (isinstance(rows, int) and rows >= 1) or (isinstance(rows, float) and 0 < rows <= 1)
+    ):
+        raise ValueError(f"rows must be an int >= 1 or a fraction in (0, 1], got {rows!r}")
+    if snapshot not in ("needed", "all"):
+        raise ValueError(f"snapshot must be 'needed' or 'all', got {snapshot!r}")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
 
 
 def _default_pair(names: list[str]) -> tuple[str, str] | None:
@@ -548,7 +535,3 @@ def _default_pair(names: list[str]) -> tuple[str, str] | None:
         other = names[0] if names[1] == "llm" else names[1]
         return "llm", other
     return names[1], names[0]
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []

@@ -291,9 +291,13 @@ def component_grad_norms(
     """
     sq = []
     for c in components:
-        grads = [p.grad for p in c.params if p.grad is not None and p.grad.numel()]
-        s = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else None
-        sq.append(torch.zeros((), dtype=torch.float64) if s is None else s.cpu().double())
+        grads = [p.grad.detach() for p in c.params if p.grad is not None and p.grad.numel()]
+        if not grads:
+            sq.append(torch.zeros((), dtype=torch.float64))
+            continue
+        # One fused call per component (norms in float32), one host transfer in all.
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        sq.append(norms.double().square().sum().cpu())
     if not sq:
         return {}
     total = torch.stack(sq)

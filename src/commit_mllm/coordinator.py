@@ -12,11 +12,17 @@ One training step, in order (METHOD.md, "Update significance" and "Coordinated s
     optimizer.step()
     report = commit.after_step()                   # kappa -> kappa_bar -> factors -> next LRs
     optimizer.zero_grad()
+
+kappa is estimated at the last step of every block of K steps (``config.effective_every``;
+0 = never). An estimate stands for the dt training steps since the previous one: the
+integral controller moves by gamma * dt * e_t, and the tracker's window spans N steps, so
+K does not change the controller's dynamics (METHOD.md, "Coordinated scheduler").
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +52,8 @@ class StepReport:
         factors: Component -> CoMMIT factor f_c after this step's update.
         measurement: The balance estimate of step t, or None when not due.
         balance: The smoothed state after this step.
-        grad_norms: Component -> ||g_c|| after backward (before gating and clipping).
+        grad_norms: Component -> ||g_c|| after backward (before gating and clipping), on
+            the steps that estimate kappa.
         grad_coeffs: Component -> gradient coefficient of the strategy (CD, OGM-GE).
         aux_weight: w_t of the regularizer at this step.
     """
@@ -138,23 +145,30 @@ class CoMMIT:
         if sharded and cfg.lagging_only:
             raise ValueError("lagging_only is not supported with sharded (FSDP) parameters")
         self.config, self.model, self.optimizer, self.components = cfg, model, optimizer, components
+        every = cfg.effective_every
         self.meter = BalanceMeter(
             model,
             components,
             forward_fn,
-            every=cfg.every,
-            rows=cfg.rows,
+            every=every,
+            rows=cfg.effective_rows,
             autocast=autocast,
             dropout=cfg.dropout,
             kl_dtype=getattr(torch, cfg.kl_dtype),
             all_reduce=all_reduce,
             sharded=sharded,
+            snapshot="all" if cfg.strategy == "progress" else cfg.snapshot,
+            offload=cfg.offload,
+            reference=cfg.reference,
+            keep_snapshot=cfg.strategy == "progress",  # measured on the next batch
+            dense_steps=cfg.progress_dense_steps if cfg.strategy == "progress" else 0,
         )
         self._norm_reduce = all_reduce if sharded else None
         self.tracker = BalanceTracker(
             components.names,
             self.meter.pair,
             window=cfg.window,
+            every=max(1, every),
             span=cfg.span,
             kappa_target=cfg.kappa_target,
             component_targets=cfg.component_targets,
@@ -184,7 +198,7 @@ class CoMMIT:
                 gamma=cfg.gamma,
                 max_factor=cfg.max_factor,
                 factor_caps=cfg.factor_caps,
-                min_estimates=cfg.window,
+                min_estimates=math.ceil(cfg.window / max(1, every)),
                 replay=cfg.replay,
             )
         self.scheduler = CoordinatedLR(
@@ -195,7 +209,7 @@ class CoMMIT:
         self.step = 0
         self.heldout = cfg.strategy == "progress"
         self._pending: int | None = None  # step whose held-out measurement is due
-        self._last_estimate = -1
+        self._last_estimate = -1  # step of the previous estimate (dt of the next one)
         self._progress: ProgressMeasurement | None = None
         self._measurement: BalanceMeasurement | None = None
         self._grad_norms: dict[str, float] = {}
@@ -216,7 +230,7 @@ class CoMMIT:
     def _measure_heldout(self, batch: Mapping[str, Any]) -> None:
         """Held-out progress of the pending step on ``batch``; the controller acts at once."""
         step, self._pending = self._pending, None
-        pm = measure_progress(self.meter, batch, step, self.config.rows)
+        pm = measure_progress(self.meter, batch, step, self.config.progress_rows)
         self.meter.discard()
         if pm is None:
             return
@@ -258,21 +272,26 @@ class CoMMIT:
     def after_backward(self, grad_norms: Mapping[str, float] | None = None) -> dict[str, float]:
         """Record per-component gradient norms, then apply CD gating / OGM-GE modulation.
 
+        The norms are a diagnostic sampled with kappa: on the steps kappa is estimated (every
+        step with ``exact``), so the per-step bookkeeping stays small.
+
         Args:
             grad_norms: Norms computed by the caller where gradients are not in ``p.grad``
                 (DeepSpeed ZeRO keeps them in partitioned buffers); default: from ``p.grad``.
 
         Returns:
-            Component -> ||g_c||_2 before the strategy touched the gradients.
+            Component -> ||g_c||_2 before the strategy touched the gradients; empty on the
+            steps that do not estimate kappa.
         """
-        if grad_norms is None:
+        due = self.meter.due(self.step)
+        if grad_norms is None and due:
             grad_norms = component_grad_norms(self.components, self._norm_reduce)
-        self._grad_norms = dict(grad_norms)
+        self._grad_norms = dict(grad_norms) if due and grad_norms is not None else {}
         self._coeffs = self.strategy.apply(self.step, self.tracker.z_bar)
         return self._grad_norms
 
     def before_step(self) -> None:
-        """Snapshot theta_t when kappa is due this step (call right before optimizer.step)."""
+        """Snapshot theta_t when kappa is due (call right before every optimizer.step)."""
         self.meter.snapshot(self.step)
 
     def after_step(self, heldout: Mapping[str, Any] | None = None) -> StepReport:
@@ -286,17 +305,20 @@ class CoMMIT:
         """
         lrs = self.scheduler.get_last_lr()
         if self.heldout:
-            if self.meter._old is not None:
+            if self.meter.saved.alive:
                 self._pending = self.step
                 if heldout is not None:
                     self._measure_heldout(heldout)
             m, self._measurement = self._measurement, None
         else:
             m = self.meter.measure(self.step)
+            if m is not None:
+                dt, self._last_estimate = self.step - self._last_estimate, self.step
         if m is not None and not self.heldout:
             state = self.tracker.update(m)
             if self.tracker.last_z is not None:
-                self.scheduler.observe(self.tracker.last_z, state.z_bar, self.tracker.estimates)
+                z, n = self.tracker.last_z, self.tracker.estimates
+                self.scheduler.observe(z, state.z_bar, n, dt)
         report = StepReport(
             self.step,
             lrs,
@@ -330,20 +352,23 @@ class CoMMIT:
         """Balance state to checkpoint: step, tracker window, factors, strategy RNG."""
         return {
             "step": self.step,
+            "last_estimate": self._last_estimate,
+            "meter": self.meter.state_dict(),
             "tracker": self.tracker.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "config": self.config.to_dict(),
-            "last_estimate": self._last_estimate,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what :meth:`state_dict` returned (rates of the next step re-applied)."""
         self.step = int(state["step"])
+        # Older states lack these: the previous estimate is then taken as one K back.
+        self._last_estimate = int(state.get("last_estimate", self.step - self.meter.every))
+        self.meter.load_state_dict(state.get("meter", {}))
         self.tracker.load_state_dict(state["tracker"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
-        self._last_estimate = int(state.get("last_estimate", -1))
 
 
 def _anchor(cfg: CoMMITConfig) -> str | None:

@@ -155,10 +155,11 @@ def run_demo(
     print(
         f"commit-mllm demo: {task}, strategies {', '.join(strategies)}.\n"
         "Tiny pretrained parts + a fresh projector, instruction-tuned once per strategy; "
-        "kappa = D_llm / D_encoder is measured every step in every run. The parts are built "
-        "on the first run (about a minute on 2 idle cores, several under load) and cached "
-        "in $COMMIT_MLLM_CACHE or ~/.cache/commit-mllm. Ctrl-C stops a run after its "
-        "current step with a checkpoint; --resume continues from there.\n"
+        "kappa = D_llm / D_encoder is estimated the same way in every run (every "
+        "commit.every steps, 16 by default). The parts are built on the first run (about a "
+        "minute on 2 idle cores, several under load) and cached in $COMMIT_MLLM_CACHE or "
+        "~/.cache/commit-mllm. Ctrl-C stops a run after its current step with a checkpoint; "
+        "--resume continues from there.\n"
     )
     start = time.perf_counter()
     summaries, runs = [], []

@@ -1,21 +1,24 @@
 """Smoothing and diagnostics of the balance estimates (METHOD.md, "Smoothing and diagnostics").
 
 Single estimates of log kappa are very noisy (std about 2-3 between steps), so every
-decision uses the window of the last N estimates:
+decision uses the window of the estimates taken in the last N training steps (N / K
+estimates when kappa is estimated every K steps; the window is a span of training, so K
+changes how many estimates it averages, not how far back it reaches):
 
     z_{c,t}      = 2 * (log kappa_{c,t} - log kappa*_c)      imbalance of component c
-    kappa_bar_t  = exp(mean of log kappa over the last N estimates)   (geometric mean)
+    kappa_bar_t  = exp(mean of log kappa over the window)    (geometric mean)
     bias index   = max_c |mean_window z_c|                   (two components: |mean(log kappa
                                                                - log kappa_target)|)
-    oscillation  = std of the smoothed z_bar over a longer span S, and its sign-flip rate
-                   (at least two flips: one crossing is a transition, not an oscillation)
+    oscillation  = std of the smoothed z_bar over a longer span of S steps, and its sign-flip
+                   rate per step (at least two flips: one crossing is a transition, not an
+                   oscillation)
 
 kappa*_c are the per-component targets (kappa_target for the pair; 1 for n components).
 The factor 2 makes z of the pair's numerator equal log(kappa / kappa_target) with two
 components, and for n components every pairwise log-ratio reads like the two-component case.
 Only components that move are compared: a frozen component has no learning to balance.
 
-Symbols -> variables: N -> ``window``; S -> ``span``; z -> :func:`imbalance`;
+Symbols -> variables: N -> ``window``; K -> ``every``; S -> ``span``; z -> :func:`imbalance`;
 kappa_bar -> ``BalanceState.kappa_bar``.
 """
 
@@ -99,8 +102,8 @@ class BalanceState:
         z_bar: Component -> mean imbalance z_c over the window.
         bias_index: max_c |z_bar_c|.
         oscillation_index: Std of the smoothed z_bar over the span (largest over c).
-        flip_rate: Sign flips of the smoothed z_bar per estimate over the span.
-        state: ``"warming_up"`` (fewer than N estimates), ``"balanced"``,
+        flip_rate: Sign flips of the smoothed z_bar per training step over the span.
+        state: ``"warming_up"`` (window not yet full once), ``"balanced"``,
             ``"biased-to-<component>"`` or ``"oscillating"``.
         collapse: True when log kappa_bar exceeds the collapse threshold (D_enc ~ 0: the
             model is falling back on its language prior).
@@ -118,13 +121,14 @@ class BalanceState:
 
 
 class BalanceTracker:
-    """Keeps the last N estimates and labels the balance state.
+    """Keeps the estimates of the last N steps and labels the balance state.
 
     Args:
         names: Component names.
         pair: (numerator, denominator) of kappa for two components.
-        window: N, estimates in the smoothing window.
-        span: S, smoothed values kept for the oscillation index (default 5 N).
+        window: N, training steps in the smoothing window.
+        every: K, steps between estimates; the window is full after ceil(N / K) estimates.
+        span: S, steps of smoothed values kept for the oscillation index (default 5 N).
         kappa_target: Target of kappa (two components).
         component_targets: Relative targets of D_c (n components).
         bias_threshold: State is biased when the bias index exceeds it (log units).
@@ -140,6 +144,7 @@ class BalanceTracker:
         pair: tuple[str, str] | None = None,
         *,
         window: int = 20,
+        every: int = 1,
         span: int | None = None,
         kappa_target: float = 1.0,
         component_targets: Mapping[str, float] | None = None,
@@ -151,8 +156,12 @@ class BalanceTracker:
     ):
         if window < 1:
             raise ValueError(f"window (N) must be >= 1, got {window}")
-        self.names, self.pair, self.window = list(names), pair, window
+        if every < 1:
+            raise ValueError(f"every (K) must be >= 1, got {every}")
+        self.names, self.pair, self.window, self.every = list(names), pair, window, every
         self.span = span or 5 * window
+        #: Valid estimates that fill the window once (no decision before).
+        self.needed = math.ceil(window / every)
         self.log_targets = target_log_weights(names, pair, kappa_target, component_targets)
         self.bias_threshold, self.oscillation_threshold = bias_threshold, oscillation_threshold
         self.flip_threshold, self.collapse_log_kappa, self.eps = (
@@ -160,9 +169,10 @@ class BalanceTracker:
             collapse_log_kappa,
             eps,
         )
-        self._z: deque[dict[str, float]] = deque(maxlen=window)
-        self._logk: deque[dict[str, float]] = deque(maxlen=window)
-        self._zbar: deque[dict[str, float]] = deque(maxlen=self.span)
+        # (step, values) pairs, oldest first.
+        self._z: deque[tuple[int, dict[str, float]]] = deque()
+        self._logk: deque[tuple[int, dict[str, float]]] = deque()
+        self._zbar: deque[tuple[int, dict[str, float]]] = deque()
         self.estimates = 0
         self.state = BalanceState()
         self.last_z: dict[str, float] | None = None
@@ -187,16 +197,21 @@ class BalanceTracker:
             return self.state
         z = self.last_z = imbalance(D, self.log_targets, self.eps)
         mean_log = sum(math.log(max(d, self.eps)) for d in D.values()) / len(D)
-        self._z.append(z)
-        self._logk.append({c: math.log(max(d, self.eps)) - mean_log for c, d in D.items()})
+        self._z.append((m.step, z))
+        self._logk.append(
+            (m.step, {c: math.log(max(d, self.eps)) - mean_log for c, d in D.items()})
+        )
+        _prune(self._z, m.step - self.window)
+        _prune(self._logk, m.step - self.window)
         self.estimates += 1
         self.state = self._summarize()
         return self.state
 
     def _summarize(self, record: bool = True) -> BalanceState:
-        comps = list(self._z[-1])
-        z_bar = {c: _mean([z.get(c, 0.0) for z in self._z]) for c in comps}
-        logk_bar = {c: _mean([lk.get(c, 0.0) for lk in self._logk]) for c in comps}
+        step, last = self._z[-1]
+        comps = list(last)
+        z_bar = {c: _mean([z.get(c, 0.0) for _, z in self._z]) for c in comps}
+        logk_bar = {c: _mean([lk.get(c, 0.0) for _, lk in self._logk]) for c in comps}
         kappa_bar = None
         if self.pair is not None and all(p in logk_bar for p in self.pair):
             kappa_bar = math.exp(logk_bar[self.pair[0]] - logk_bar[self.pair[1]])
@@ -207,13 +222,16 @@ class BalanceTracker:
             z_bar=z_bar,
             bias_index=max(abs(v) for v in z_bar.values()),
         )
-        if self.estimates < self.window:
+        if self.estimates < self.needed:
             return st
         if record:
-            self._zbar.append(z_bar)
-        st.oscillation_index = max(_std([h.get(c, 0.0) for h in self._zbar]) for c in comps)
-        flips = [_flips([h.get(c, 0.0) for h in self._zbar]) for c in comps]
-        st.flip_rate = max(n / max(1, len(self._zbar) - 1) for n in flips)
+            self._zbar.append((step, z_bar))
+            _prune(self._zbar, step - self.span)
+        history = [h for _, h in self._zbar]
+        st.oscillation_index = max(_std([h.get(c, 0.0) for h in history]) for c in comps)
+        flips = [_flips([h.get(c, 0.0) for h in history]) for c in comps]
+        covered = max(1, self._zbar[-1][0] - self._zbar[0][0]) if self._zbar else 1
+        st.flip_rate = max(n / covered for n in flips)
         # One crossing is a transition; oscillation needs a swing there and back.
         if (
             st.oscillation_index >= self.oscillation_threshold
@@ -235,24 +253,40 @@ class BalanceTracker:
         return dict(self.state.z_bar)
 
     def state_dict(self) -> dict:
-        """Window, span history and counters (plain Python types)."""
+        """Window, span history (``[step, values]`` pairs) and counters (plain Python types)."""
         return {
-            "z": list(self._z),
-            "logk": list(self._logk),
-            "zbar": list(self._zbar),
+            "z": [[t, v] for t, v in self._z],
+            "logk": [[t, v] for t, v in self._logk],
+            "zbar": [[t, v] for t, v in self._zbar],
             "estimates": self.estimates,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._z = deque(state["z"], maxlen=self.window)
-        self._logk = deque(state["logk"], maxlen=self.window)
-        self._zbar = deque(state["zbar"], maxlen=self.span)
+        """Restore what :meth:`state_dict` returned.
+
+        A state written before the window was counted in steps (plain value lists) is read
+        as consecutive steps ending at -1.
+        """
+        self._z = _timed(state["z"])
+        self._logk = _timed(state["logk"])
+        self._zbar = _timed(state["zbar"])
         self.estimates = int(state["estimates"])
         self.state = BalanceState()
         if self._z:
             # The span history already holds the last smoothed value: do not record it again.
             self.state = self._summarize(record=False)
+
+
+def _prune(entries: deque, oldest_excluded: int) -> None:
+    """Drop (step, values) entries at or before ``oldest_excluded``; keep the newest."""
+    while len(entries) > 1 and entries[0][0] <= oldest_excluded:
+        entries.popleft()
+
+
+def _timed(entries: Sequence) -> deque:
+    if entries and isinstance(entries[0], Mapping):
+        return deque((i - len(entries), dict(v)) for i, v in enumerate(entries))
+    return deque((int(t), dict(v)) for t, v in entries)
 
 
 def _mean(xs: Sequence[float]) -> float:

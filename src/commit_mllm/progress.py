@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .balance import BalanceMeter, kl_sum, select_rows, supervised_mask
+from .balance import BalanceMeter, kl_sum
+from .lookahead import select_rows, supervised_mask
 
 __all__ = ["ProgressMeasurement", "measure_progress"]
 
@@ -100,8 +101,9 @@ def measure_progress(
     """Measure the pending step's held-out progress on ``batch`` (see the module docstring).
 
     Call after ``optimizer.step()`` (the parameters are theta_{t+1}) and before the batch is
-    trained on, while ``meter`` still holds its snapshot of theta_t. The parameters, buffers,
-    gradients, optimizer state and the training RNG are left exactly as they were.
+    trained on, while ``meter`` still keeps theta_t of every trainable component (built with
+    ``snapshot="all"`` and ``keep_snapshot=True``). The parameters, buffers, gradients,
+    optimizer state and the training RNG are left exactly as they were.
 
     Args:
         meter: The balance meter that snapshotted theta_t before the step.
@@ -110,10 +112,16 @@ def measure_progress(
         rows: Measure on the first rows only (int rows or a fraction in (0, 1]).
 
     Returns:
-        The measurement, or None when no snapshot is pending.
+        The measurement, or None when no snapshot is kept.
     """
-    if meter._old is None:
+    if not meter.saved.alive:
         return None
+    missing = [c.name for c in meter.components.trainable if c.name not in meter.saved.saved]
+    if missing:
+        raise ValueError(
+            f"measure_progress needs theta_t of every trainable component; {missing} not kept: "
+            'build the BalanceMeter with snapshot="all", keep_snapshot=True'
+        )
     n = batch["labels"].shape[0]
     keep = n if rows is None else (rows if isinstance(rows, int) else math.ceil(rows * n))
     if keep < n:
@@ -121,10 +129,13 @@ def measure_progress(
             batch = meter.model.select_rows(batch, None, keep)[0]
         else:
             batch = select_rows(batch, keep)
-    norms, flags = meter._update_norms()
+    norms, zero = meter.saved.update_norms()
+    flags = {c.name: "frozen" for c in meter.components if c.frozen}
+    flags.update({c: "zero_update" for c in zero})
+    flags.update({c.name: "zero_update" for c in meter.components if c.name not in norms})
     moving = [c.name for c in meter.components if c.name not in flags]
     targets = _targets(batch)
-    with torch.random.fork_rng(devices=_cuda_devices()), _eval_mode(meter.model):
+    with meter.lookahead.preserved(), _eval_mode(meter.model):
         sums = _branch_sums(meter, batch, targets, moving)
     if meter.all_reduce is not None:
         meter.all_reduce(sums)
@@ -143,30 +154,23 @@ def _branch_sums(
     meter: BalanceMeter, batch: Mapping[str, Any], targets: torch.Tensor, moving: list[str]
 ) -> torch.Tensor:
     """[CE(p_t), KL_c, CE(p_t^(c)) for each moving c, tokens] as float64 sums over tokens."""
-    model, dtype = meter.model, meter.kl_dtype
-    try:
-        meter._set_state({c: "old" for c in meter._state})
-        with meter.autocast():
-            if meter.cached:
-                features = model.encode(batch)
-                ref = model.decode(batch, features)
+    la, dtype = meter.lookahead, meter.kl_dtype
+    everyone = list(meter.saved.saved)
+    with meter.saved.at(everyone), la.autocast():
+        if la.cached:
+            features = meter.model.encode(batch)
+            ref = meter.model.decode(batch, features)
+        else:
+            features = None
+            ref = la.forward_fn(meter.model, batch)
+    out = [_ce_sum(ref, targets, dtype)]
+    for name in moving:
+        use_cache = features is not None and name not in la.encoder_side
+        with meter.saved.at([c for c in everyone if c != name]), la.autocast():
+            if use_cache:
+                logits = meter.model.decode(batch, features)
             else:
-                features = None
-                ref = meter.forward_fn(model, batch)
-        out = [_ce_sum(ref, targets, dtype)]
-        for name in moving:
-            meter._set_state({c: ("new" if c == name else "old") for c in meter._state})
-            with meter.autocast():
-                if name in meter._cacheable and features is not None:
-                    logits = model.decode(batch, features)
-                else:
-                    logits = meter.forward_fn(model, batch)
-            out += [kl_sum(ref, logits, meter.kl_chunk, dtype), _ce_sum(logits, targets, dtype)]
-    finally:
-        meter._set_state({c: "new" for c in meter._state})
+                logits = la.forward_fn(meter.model, batch)
+        out += [kl_sum(ref, logits, meter.kl_chunk, dtype), _ce_sum(logits, targets, dtype)]
     out.append(torch.tensor(float(targets.numel()), dtype=torch.float64, device=ref.device))
     return torch.stack([x.to(ref.device, torch.float64) for x in out])
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []

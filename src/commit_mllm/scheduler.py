@@ -8,20 +8,32 @@ where f_c is the CoMMIT factor, driven by the imbalance z_c = 2 (log kappa_c - l
 (see :mod:`commit_mllm.diagnostics`; two components: z_llm = log kappa - log kappa_target,
 z_enc = -z_llm):
 
-* ``integral`` (default), on each raw estimate:   log f_c <- log f_c - gamma * z_c
-  (two components: log f_enc += gamma e_t, log f_llm -= gamma e_t, e_t = log kappa_t -
-  log kappa_target);
+* ``integral`` (default), on each raw estimate:   log f_c <- log f_c - g(dt) * z_c
+  (two components: log f_enc += g e_t, log f_llm -= g e_t, e_t = log kappa_t -
+  log kappa_target), dt = training steps since the previous estimate (K when estimating
+  every K steps). gamma is a gain per training step and g(dt) is that per-step controller
+  compounded over the dt steps the estimate stands for:
+
+      g(dt) = (1 - (1 - 4 gamma)^dt) / 4        (= gamma for dt = 1; ~ gamma dt when small)
+
+  log kappa responds to log(eta_llm / eta_enc) with slope ~2 (METHOD.md), so one update
+  moves e by -4 g e: the per-step controller shrinks e by (1 - 4 gamma) per step, and g(dt)
+  shrinks it by the same (1 - 4 gamma)^dt per estimate. The plain product gamma * dt would
+  overshoot (and oscillate) once 4 gamma dt > 1, so K would change the dynamics; g(dt) keeps
+  them (for 4 gamma >= 1, where the per-step controller itself overshoots, g = gamma * dt);
 * ``proportional``, on the window mean:            log f_c  = -gamma * z_bar_c
   (two components: f_enc = (kappa_bar / kappa_target)^gamma, f_llm = 1 / f_enc);
 * ``none``: f_c = 1 (constant-LR baselines); ``replay``: f(t) read from a recorded run.
 
 After each update the log-factors are projected onto {sum_c log f_c = 0, |log f_c| <= log m_c}
 (the total step budget is held fixed: balancing moves budget between components). No
-adjustment happens before N estimates, during warmup, or during ``hold_steps``.
+adjustment happens before the smoothing window (N steps) is first full (``min_estimates`` =
+ceil(N / K) estimates), during warmup, or during ``hold_steps``.
 
 Symbols -> variables: eta_c -> group ``base_lr``; s(t) -> :func:`shared_schedule`;
-f_c -> :attr:`FactorController.factors`; gamma -> ``gamma``; m -> ``max_factor``;
-N -> ``min_estimates``.
+f_c -> :attr:`FactorController.factors`; gamma -> ``gamma``; dt -> ``dt``; g(dt) ->
+:func:`integral_gain`; m ->
+``max_factor``; ceil(N / K) -> ``min_estimates``.
 """
 
 from __future__ import annotations
@@ -33,15 +45,34 @@ import torch
 
 __all__ = [
     "CONTROLS",
+    "RESPONSE_SLOPE",
     "SCHEDULES",
     "CoordinatedLR",
     "FactorController",
+    "integral_gain",
     "project_log_factors",
     "shared_schedule",
 ]
 
 SCHEDULES = ("cosine", "linear", "constant")
 CONTROLS = ("integral", "proportional", "none", "replay")
+#: d e / d (log f_enc): log kappa moves with slope ~2 in log(eta_llm / eta_enc), which moves
+#: by 2 per unit of log f_enc (log f_llm = -log f_enc) - METHOD.md, "Coordinated scheduler".
+RESPONSE_SLOPE = 4.0
+
+
+def integral_gain(gamma: float, dt: float = 1.0) -> float:
+    """g(dt): the per-step integral gain ``gamma`` compounded over ``dt`` training steps.
+
+    g = (1 - (1 - a gamma)^dt) / a with a = :data:`RESPONSE_SLOPE`: an estimate that stands for
+    dt steps shrinks the error as much as dt per-step updates would (under log kappa's slope
+    ~2 response). g(1) = gamma; for a gamma >= 1 (a per-step controller that overshoots
+    already) g = gamma * dt.
+    """
+    a = RESPONSE_SLOPE
+    if dt <= 1 or a * gamma >= 1:
+        return gamma * dt
+    return (1.0 - (1.0 - a * gamma) ** dt) / a
 
 
 def shared_schedule(
@@ -109,11 +140,12 @@ class FactorController:
     Args:
         names: Components that get a factor (the trainable ones).
         control: ``integral``, ``proportional``, ``none`` or ``replay``.
-        gamma: Controller gain.
+        gamma: Controller gain per training step (an estimate covering dt steps moves the
+            integral by :func:`integral_gain` (gamma, dt) * z).
         max_factor: m; every factor stays in [1/m, m].
         factor_caps: Optional tighter cap per component (e.g. ``{"encoder": 2.0}`` keeps a
             pretrained encoder within [1/2, 2]).
-        min_estimates: N; no adjustment before this many valid estimates.
+        min_estimates: No adjustment before this many valid estimates (ceil(N / K)).
         replay: For ``replay``: step -> {component: factor}, applied open loop; a step that
             is missing keeps the previous factors.
     """
@@ -158,6 +190,7 @@ class FactorController:
         z_bar: Mapping[str, float],
         estimates: int,
         adjusting: bool = True,
+        dt: float = 1.0,
     ) -> dict[str, float]:
         """Feed one valid estimate.
 
@@ -166,6 +199,7 @@ class FactorController:
             z_bar: Component -> z_c averaged over the window.
             estimates: Valid estimates so far (this one included).
             adjusting: False during warmup / hold steps: estimates are taken, not acted on.
+            dt: Training steps this estimate stands for (since the previous one).
 
         Returns:
             The factors after the update.
@@ -175,7 +209,8 @@ class FactorController:
         if estimates < self.min_estimates:
             return self.factors
         if self.control == "integral":
-            log_f = {c: self.log_f[c] - self.gamma * z.get(c, 0.0) for c in self.names}
+            gain = integral_gain(self.gamma, dt)
+            log_f = {c: self.log_f[c] - gain * z.get(c, 0.0) for c in self.names}
         else:
             log_f = {c: -self.gamma * z_bar.get(c, 0.0) for c in self.names}
         self.log_f = project_log_factors(log_f, self.limits)
@@ -245,10 +280,14 @@ class CoordinatedLR:
         return self.t >= max(self.warmup_steps, self.hold_steps)
 
     def observe(
-        self, z: Mapping[str, float], z_bar: Mapping[str, float], estimates: int
+        self,
+        z: Mapping[str, float],
+        z_bar: Mapping[str, float],
+        estimates: int,
+        dt: float = 1.0,
     ) -> dict[str, float]:
-        """Feed the estimate of the current step to the controller; returns the factors."""
-        return self.controller.update(z, z_bar, estimates, self.adjusting)
+        """Feed the estimate of the current step (standing for ``dt`` steps); returns f_c."""
+        return self.controller.update(z, z_bar, estimates, self.adjusting, dt)
 
     def refresh(self) -> None:
         """Re-apply the current step's rates (after the controller changed its factors)."""

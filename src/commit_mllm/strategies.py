@@ -14,7 +14,15 @@ METHOD.md, "Coordinated scheduler", "Auxiliary regularization" and "Baselines":
 ``replay``      factors f(t) recorded in an earlier run, applied open loop
 ==============  ===================================================================
 
-Every strategy measures kappa the same way, so all can be compared on one plot.
+Every strategy measures kappa the same way, so all can be compared on one plot. Strategies
+that steer by kappa (``commit``, ``commit_clr``, ``ogm_ge``) measure every K steps
+(``every``); the others measure only for the diagnostics (``diagnostics_every``; 0 = never).
+
+Measuring costs: by default kappa is estimated every K = 16 steps on the first quarter of the
+batch's rows (``every: 16``, ``rows: 0.25``), which keeps a step within 1.10x a plain step
+(benchmarks/results/overhead.md). The controller's gain and window are defined per training
+step, so K does not change its dynamics. ``exact: true`` is the exact estimate: every step,
+all rows.
 """
 
 from __future__ import annotations
@@ -28,7 +36,14 @@ import torch
 
 from .components import Components
 
-__all__ = ["STRATEGIES", "CoMMITConfig", "Strategy"]
+__all__ = [
+    "DEFAULT_EVERY",
+    "DEFAULT_ROWS",
+    "STEERING",
+    "STRATEGIES",
+    "CoMMITConfig",
+    "Strategy",
+]
 
 STRATEGIES = (
     "commit",
@@ -41,6 +56,12 @@ STRATEGIES = (
     "replay",
 )
 _CONTROLLED = ("commit", "commit_clr")
+#: Strategies whose decisions read kappa (the factor controller, OGM-GE's modulation).
+STEERING = ("commit", "commit_clr", "ogm_ge", "progress")
+#: K of ``CoMMITConfig()`` (measured: benchmarks/results/overhead.md).
+DEFAULT_EVERY = 16
+#: Row fraction of ``CoMMITConfig()``.
+DEFAULT_ROWS = 0.25
 
 
 @dataclass
@@ -49,12 +70,26 @@ class CoMMITConfig:
 
     Attributes:
         strategy: One of :data:`STRATEGIES`.
-        every: [K] estimate kappa every K steps.
+        every: [K] estimate kappa at the last step of every block of K steps; None = 16
+            (:data:`DEFAULT_EVERY`). Also the K of the non-steering strategies unless
+            ``diagnostics_every`` is set.
+        diagnostics_every: K of the strategies that do not steer by kappa (``constant``,
+            ``feature_cd``, ``language_cd``, ``replay``), which measure it only for the
+            diagnostics; 0 = never measure (no snapshot, no lookahead: a plain step);
+            None = the same K as ``every``.
         rows: Measure on the first rows only: int rows or a fraction in (0, 1]; None = all.
+        exact: The exact estimate: every step (K = 1) on all rows (overrides ``every``,
+            ``diagnostics_every`` and ``rows``).
         dropout: ``replay`` (same dropout masks in every branch) or ``off`` (eval mode).
         kl_dtype: ``float64`` or ``float32`` for log-softmax and KL.
-        window: [N] smoothing window; also the number of estimates before any adjustment.
-        span: Smoothed values used by the oscillation index (default 5 N).
+        snapshot: ``needed`` keeps theta_t only for the components a lookahead reads at
+            theta_t; ``all`` for every trainable one (then every update norm is logged).
+        offload: Keep theta_t in host memory; None = when the parameters are on CUDA.
+        reference: p_t on a row subset: ``auto`` (sliced from the training forward when it
+            was deterministic, after a one-time numerical check), ``slice`` or ``recompute``.
+        window: [N] smoothing window in training steps (kappa_bar averages the estimates of
+            the last N steps); no adjustment before the window is first full.
+        span: Steps of smoothed values used by the oscillation index (default 5 N).
         kappa_target: Target of kappa = D_llm / D_encoder.
         component_targets: Relative targets of D_c for n components.
         bias_threshold: Bias index (log units) above which the state is biased.
@@ -88,13 +123,24 @@ class CoMMITConfig:
         progress_anchor: For ``progress``: the component whose rate is kept as set (None =
             ``llm_component``; ``"none"``: every component is steered on its own towards
             efficiency 1).
+        progress_rows: For ``progress``: rows of the next batch measured on (int rows or a
+            fraction in (0, 1]; None = all). ``rows`` does not apply: held-out p_t cannot be
+            cut from the training forward, and a few rows carry too few answer tokens.
+        progress_dense_steps: For ``progress``: also measure at every step below this one
+            (a rate far too high wrecks a pretrained encoder within tens of steps), then
+            every K.
     """
 
     strategy: str = "commit"
-    every: int = 1
-    rows: int | float | None = None
+    every: int | None = None
+    diagnostics_every: int | None = None
+    rows: int | float | None = DEFAULT_ROWS
+    exact: bool = False
     dropout: str = "replay"
     kl_dtype: str = "float64"
+    snapshot: str = "needed"
+    offload: bool | None = None
+    reference: str = "auto"
     window: int = 20
     span: int | None = None
     kappa_target: float = 1.0
@@ -126,6 +172,8 @@ class CoMMITConfig:
     progress_max_raise: float = 3.0
     progress_guard: float | None = 1.0
     progress_anchor: str | None = None
+    progress_rows: int | float | None = None
+    progress_dense_steps: int = 48
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,9 +182,20 @@ class CoMMITConfig:
         """Check every setting; the error names the key and what is allowed."""
         checks = [
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-            ("every", isinstance(self.every, int) and self.every >= 1, "an integer >= 1"),
+            ("every", self.every is None or _int_at_least(self.every, 1), "an integer >= 1"),
+            (
+                "diagnostics_every",
+                self.diagnostics_every is None or _int_at_least(self.diagnostics_every, 0),
+                "an integer >= 0 (0 = never measure)",
+            ),
             ("dropout", self.dropout in ("replay", "off"), "'replay' or 'off'"),
             ("kl_dtype", self.kl_dtype in ("float64", "float32"), "'float64' or 'float32'"),
+            ("snapshot", self.snapshot in ("needed", "all"), "'needed' or 'all'"),
+            (
+                "reference",
+                self.reference in ("auto", "slice", "recompute"),
+                "auto, slice, recompute",
+            ),
             ("window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1"),
             ("kappa_target", self.kappa_target > 0, "a number > 0"),
             ("control", self.control in ("integral", "proportional"), "integral, proportional"),
@@ -158,15 +217,18 @@ class CoMMITConfig:
             ("progress_confidence", self.progress_confidence >= 0, "a number >= 0"),
             ("progress_max_cut", self.progress_max_cut >= 1, "a number >= 1"),
             ("progress_max_raise", self.progress_max_raise >= 1, "a number >= 1"),
+            ("progress_dense_steps", self.progress_dense_steps >= 0, "an integer >= 0"),
         ]
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"commit.{key} = {getattr(self, key)!r} is invalid: use {allowed}")
-        rows = self.rows
-        if rows is not None and not (
-            (isinstance(rows, int) and rows >= 1) or (isinstance(rows, float) and 0 < rows <= 1)
-        ):
-            raise ValueError(f"commit.rows = {rows!r} is invalid: use an int >= 1 or (0, 1]")
+        for key in ("rows", "progress_rows"):
+            rows = getattr(self, key)
+            if rows is not None and not (
+                (isinstance(rows, int) and rows >= 1)
+                or (isinstance(rows, float) and 0 < rows <= 1)
+            ):
+                raise ValueError(f"commit.{key} = {rows!r} is invalid: use an int >= 1 or (0, 1]")
         if self.strategy == "commit_clr" and self.alpha:
             raise ValueError(
                 "commit.alpha > 0 with strategy commit_clr: commit_clr is CoMMIT without the "
@@ -174,6 +236,26 @@ class CoMMITConfig:
             )
         if self.strategy == "replay" and not self.replay:
             raise ValueError("strategy 'replay' needs commit.replay (step -> factors)")
+
+    @property
+    def steers_by_kappa(self) -> bool:
+        """Whether this strategy's decisions read kappa (see :data:`STEERING`)."""
+        return self.strategy in STEERING
+
+    @property
+    def effective_every(self) -> int:
+        """K the meter uses: 0 = never measure (only for strategies that do not steer)."""
+        if self.exact:
+            return 1
+        every = DEFAULT_EVERY if self.every is None else self.every
+        if self.steers_by_kappa or self.diagnostics_every is None:
+            return every
+        return self.diagnostics_every
+
+    @property
+    def effective_rows(self) -> int | float | None:
+        """Rows the meter measures on (None = all)."""
+        return None if self.exact else self.rows
 
     @property
     def effective_alpha(self) -> float:
@@ -192,6 +274,10 @@ class CoMMITConfig:
     def to_dict(self) -> dict:
         """Plain-dict form (for logs and checkpoints)."""
         return dataclasses.asdict(self)
+
+
+def _int_at_least(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 class Strategy:
