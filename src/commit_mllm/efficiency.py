@@ -25,12 +25,17 @@ sides with ``factor_caps``). Without an anchor (``anchor=None``) every component
 steered on its own towards e_c = 1, where the quadratic model says its step size is
 right: z_c = (e_c - 1) / se_c (a per-component hypergradient on log eta_c).
 
-Guard: a component whose smoothed output change exceeds ``guard`` times the anchor's
-(y_c > guard * y_a) while its efficiency is below the anchor's is cut from the second
-estimate on, without waiting for a significant z-score, at a speed growing with
-log(y_c / (guard y_a)). Efficiencies of single steps are noisy; output changes are not, and
-an encoder that moves the output many times more than the LLM for less return is the
-signature of a rate set far too high.
+Guard: a component whose step moved the output more than ``guard`` times the anchor's step
+did (D_c > guard * D_a, this estimate) while its smoothed efficiency is below the anchor's is
+cut at once, from the first estimate on, without waiting for a significant z-score:
+
+    log f_c -= log(D_c / (guard D_a)) / 2            (D grows with the square of the step)
+
+which is the rate that would have brought its output change back to ``guard`` times the
+anchor's. Efficiencies of single steps are noisy; output changes are not, and an encoder that
+moves the output many times more than the LLM for less return is the signature of a rate
+set far too high: Adam's first steps at such a rate wipe out a pretrained encoder's features
+within a few steps, so the guard cannot wait for evidence to accumulate.
 
 Cuts are faster than raises (gamma_- > gamma_+): a component whose steps buy little of
 what they cost can wreck what it knew within tens of steps (a pretrained encoder at a rate
@@ -159,38 +164,42 @@ class EfficiencyController:
                 self.moments[c][k] += alpha * (v - self.moments[c][k])
         self.estimates += 1
         self.last_z = self._z_scores()
-        if not adjusting or self.estimates < 2:
+        if not adjusting:
             return
-        guard = self._guard() if self.guard is not None else {}
+        cuts = self._guard(m) if self.guard is not None else {}
         for c in self.names:
             if c == self.anchor:
                 continue
+            lo, hi = self.limits[c]
+            if c in cuts:
+                self.log_f[c] = min(max(self.log_f[c] + cuts[c], lo), hi)
+                continue
+            if self.estimates < self.min_estimates:
+                continue
             z = self.last_z.get(c, 0.0)
             g = math.copysign(min(max((abs(z) - self.confidence) / 2.0, 0.0), 1.0), z)
-            if self.estimates < self.min_estimates:
-                g = 0.0
-            g = min(g, guard.get(c, 0.0)) if guard.get(c, 0.0) < 0 else g
             gain = (self.gamma if g > 0 else self.cut_gain) * max(1, steps)
-            lo, hi = self.limits[c]
             self.log_f[c] = min(max(self.log_f[c] + gain * g, lo), hi)
 
-    def _guard(self) -> dict[str, float]:
-        """Component -> the guard's cut signal in [-1, 0).
+    def _guard(self, m: ProgressMeasurement) -> dict[str, float]:
+        """Component -> the guard's cut of log f_c on this estimate (< 0).
 
-        A component gets one when it moves the output more than ``guard`` x the anchor does
-        while buying less held-out loss per nat; the signal grows with log of the excess.
+        A component gets one when this step moved the output more than ``guard`` x the
+        anchor's step did while its smoothed efficiency is below the anchor's. The cut is
+        the rate change that brings its output change back to ``guard`` x the anchor's:
+        D_c grows with the square of its step (the KL is quadratic in a small update), so
+        log f_c -= log(D_c / (guard D_a)) / 2.
         """
-        if self.anchor is None:
+        if self.anchor is None or self.anchor in m.flags:
             return {}
-        ya = self.moments[self.anchor]["y"]
+        da = m.D[self.anchor]
         ea = self._stats(self.anchor)[0]
         out = {}
         for c in self.names:
-            yc = self.moments[c]["y"]
-            if c == self.anchor or ya <= 0 or yc <= self.guard * ya:
+            if c == self.anchor or c in m.flags or da <= 0 or m.D[c] <= self.guard * da:
                 continue
             if self._stats(c)[0] < ea:
-                out[c] = -min(1.0, math.log(yc / (self.guard * ya)) / math.log(10.0))
+                out[c] = -0.5 * math.log(m.D[c] / (self.guard * da))
         return out
 
     def _stats(self, c: str) -> tuple[float, float]:

@@ -117,7 +117,8 @@ class CoMMITConfig:
         progress_horizon: For ``progress``: smoothing time constant, in steps of training.
         progress_confidence: For ``progress``: dead zone of the efficiency z-score.
         progress_max_cut: For ``progress``: no factor goes below 1 / this.
-        progress_max_raise: For ``progress``: no factor goes above this.
+        progress_max_raise: For ``progress``: no factor goes above this (1 = the rule only cuts:
+            raising a pretrained encoder on its efficiency lost accuracy in every grid).
         progress_guard: For ``progress``: cut a component that moves the output more than
             this times the anchor while buying less per nat (None = off).
         progress_anchor: For ``progress``: the component whose rate is kept as set (None =
@@ -169,7 +170,7 @@ class CoMMITConfig:
     progress_horizon: float = 50.0
     progress_confidence: float = 1.0
     progress_max_cut: float = 100.0
-    progress_max_raise: float = 3.0
+    progress_max_raise: float = 1.0
     progress_guard: float | None = 1.0
     progress_anchor: str | None = None
     progress_rows: int | float | None = None
