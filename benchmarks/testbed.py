@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -207,17 +208,19 @@ def _thin(points: list, n: int) -> list:
 def run_grid(grid: Grid, root: Path, n_jobs: int, log=print) -> list[dict[str, Any]]:
     """Run (or reuse) every job, ``n_jobs`` processes at a time; one record per run."""
     todo = jobs(grid, root)
-    t0, done = time.perf_counter(), []
+    t0, done, lock = time.perf_counter(), [], threading.Lock()
 
     def go(job):
         rec = run_one(job)
-        done.append(rec)
         acc = rec.get("accuracy")
-        log(
-            f"[{len(done)}/{len(todo)} {time.perf_counter() - t0:.0f}s] {job['task']}-"
-            f"{job['regime']} {job['strategy']} r={job['ratio']:g} s={job['seed']}: "
-            + (f"acc={acc:.3f}" if acc is not None else f"FAILED ({rec.get('log')})")
-        )
+        with lock:  # one whole line per finished run, whichever worker finishes first
+            done.append(rec)
+            log(
+                f"[{len(done)}/{len(todo)} {time.perf_counter() - t0:.0f}s] {job['task']}-"
+                f"{job['regime']} {job['strategy']} r={job['ratio']:g} s={job['seed']}: "
+                + (f"acc={acc:.3f}" if acc is not None else f"FAILED ({rec.get('log')})")
+            )
+            sys.stdout.flush()
         return rec
 
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:

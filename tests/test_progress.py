@@ -291,3 +291,23 @@ def test_trainer_progress_strategy_resumes_bit_identically(tmp_path):
     a = load_file(str(full / "checkpoints" / "step-00000008" / "trainable.safetensors"))
     b = load_file(str(part / "checkpoints" / "step-00000008" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_guard_cuts_at_once_by_the_rate_that_matches_the_anchors_output_change():
+    ctl = EfficiencyController(["encoder", "llm"], "llm", guard=1.0)
+    # first estimate: the encoder moved the output 36x more than the LLM for less return
+    ctl.observe(_pm({"encoder": -0.9, "llm": -0.2}, {"encoder": 0.72, "llm": 0.02}), 1)
+    assert ctl.factors["encoder"] == pytest.approx(1 / 6)  # sqrt(0.72 / 0.02) = 6
+    assert ctl.factors["llm"] == 1.0
+    # next step matches the anchor's output change: no further guard cut
+    ctl.observe(_pm({"encoder": -0.01, "llm": -0.02}, {"encoder": 0.02, "llm": 0.02}), 1)
+    assert ctl.factors["encoder"] == pytest.approx(1 / 6)
+
+
+def test_guard_leaves_a_component_alone_that_buys_more_per_nat_or_is_off():
+    ctl = EfficiencyController(["encoder", "llm"], "llm", guard=1.0)
+    ctl.observe(_pm({"encoder": -2.0, "llm": -0.01}, {"encoder": 0.5, "llm": 0.02}), 1)
+    assert ctl.factors["encoder"] == 1.0  # moves more, but buys more per nat
+    off = EfficiencyController(["encoder", "llm"], "llm", guard=None)
+    off.observe(_pm({"encoder": -0.9, "llm": -0.2}, {"encoder": 0.72, "llm": 0.02}), 1)
+    assert off.factors["encoder"] == 1.0

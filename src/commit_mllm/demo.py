@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 DEMO_TASKS = {"easy-vqa": "demo_vision", "tones-aqa": "demo_audio"}
-DEMO_STRATEGIES = ("constant", "commit")
+DEMO_STRATEGIES = ("constant", "commit", "progress")
 """The strategies the demo compares by default (and the README's tables show)."""
 TABLE_FILE = "demo_table.md"
 
@@ -106,16 +106,19 @@ def demo_config(task: str, overrides: Sequence[str] = ()) -> RunConfig:
 def demo_fingerprint(
     task: str, strategies: Sequence[str] = DEMO_STRATEGIES, overrides: Sequence[str] = ()
 ) -> str:
-    """A short hash of the demo's own settings (:func:`demo_settings`), overrides, strategies.
+    """A short hash of the demo's settings (:func:`demo_settings`), overrides, strategies.
 
-    It changes when the demo is changed (a setting, a strategy, the task), not when an
-    unrelated config field is added elsewhere. The output folder and the per-run strategy
-    are left out (they vary per run).
+    It changes when the demo is changed (a setting, a strategy, the task) and when a default
+    of the method's settings (``CoMMITConfig``) changes, since every run's numbers depend on
+    them. The output folder and the per-run strategy are left out (they vary per run).
     """
     settings = apply_overrides(demo_settings(task), overrides)
     settings["run"].pop("output_dir", None)
-    settings["commit"].pop("strategy", None)
-    text = json.dumps({"task": task, "strategies": list(strategies), "settings": settings})
+    commit = demo_config(task, overrides).commit.to_dict()
+    settings["commit"] = {k: v for k, v in commit.items() if k != "strategy"}
+    text = json.dumps(
+        {"task": task, "strategies": list(strategies), "settings": settings}, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -43,7 +43,8 @@ far too high), while one that is too slow only loses time. The anchor keeps f_a 
 rate is the one the user set (LLM rates are well known from recipes); every other
 component's rate is found relative to it. There is no kappa target and no fixed total
 budget. The dead zone z0 (``confidence``) keeps the factors still while the evidence is
-within noise.
+within noise. :class:`~commit_mllm.strategies.CoMMITConfig` sets m_+ = 1 by default: the rule
+only cuts (raising a pretrained encoder on its efficiency lost accuracy in every grid we ran).
 
 Symbols -> variables: e_c -> :meth:`EfficiencyController.efficiency`; z_c ->
 ``EfficiencyController.last_z``; h -> ``horizon``; z0 -> ``confidence``; m_- / m_+ ->
@@ -82,10 +83,10 @@ class EfficiencyController:
         max_raise: m_+; no factor goes above m_+.
         factor_caps: Tighter cap per component.
         min_estimates: No efficiency-driven adjustment before this many estimates.
-        guard: Cut a component whose smoothed output change exceeds ``guard`` times the
-            anchor's while its efficiency is below the anchor's (from the second estimate
-            on, no z-test: a pretrained encoder at a rate far too high is wrecked within
-            tens of steps); None turns the guard off.
+        guard: Cut at once a component whose step moved the output more than ``guard``
+            times the anchor's while its smoothed efficiency is below the anchor's, by
+            log(D_c / (guard D_a)) / 2 (from the first estimate: a pretrained encoder at a
+            rate far too high is wrecked within a few steps); None turns the guard off.
     """
 
     def __init__(
