@@ -50,4 +50,4 @@ def test_readme_yaml_example_validates(tmp_path):
     path = tmp_path / "my_run.yaml"
     path.write_text(block)
     cfg = load_config(path)
-    assert cfg.model.mllm.llm.lora.r == 64 and cfg.commit.factor_caps == {"encoder": 4.0}
+    assert cfg.model.mllm.llm.lora.r == 64 and cfg.commit.strategy == "progress"
