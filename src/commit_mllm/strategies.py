@@ -226,8 +226,7 @@ class CoMMITConfig:
         for key in ("rows", "progress_rows"):
             rows = getattr(self, key)
             if rows is not None and not (
-                (isinstance(rows, int) and rows >= 1)
-                or (isinstance(rows, float) and 0 < rows <= 1)
+                (isinstance(rows, int) and rows >= 1) or (isinstance(rows, float) and 0 < rows <= 1)
             ):
                 raise ValueError(f"commit.{key} = {rows!r} is invalid: use an int >= 1 or (0, 1]")
         if self.strategy == "commit_clr" and self.alpha:
