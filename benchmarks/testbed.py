@@ -93,10 +93,14 @@ def run_dir(root: Path, task: str, regime: str, strategy: str, ratio: float, see
 
 def llm_lr(cfg_path: Path) -> float:
     """The config's eta_llm (the grid keeps it and sets eta_enc = ratio x eta_llm)."""
+    train = _train(cfg_path)
+    return float(train.get("llm_lr") or train["lr"])
+
+
+def _train(cfg_path: Path) -> dict[str, Any]:
     import yaml
 
-    train = yaml.safe_load(cfg_path.read_text())["train"]
-    return float(train.get("llm_lr") or train["lr"])
+    return yaml.safe_load(cfg_path.read_text())["train"]
 
 
 def run_command(
@@ -116,7 +120,12 @@ def run_command(
         f"commit.seed={seed}",
     ]
     if grid.steps:
-        ovr += [f"train.steps={grid.steps}", f"train.eval_every={max(1, grid.steps // 4)}"]
+        warmup = min(_train(cfg).get("warmup_steps", 0), grid.steps // 5)  # shorter runs
+        ovr += [
+            f"train.steps={grid.steps}",
+            f"train.eval_every={max(1, grid.steps // 4)}",
+            f"train.warmup_steps={warmup}",
+        ]
     if seed not in grid.curve_seeds:
         ovr.append("train.eval_every=0")  # the final evaluation only
     if strategy == TEXT_ONLY:
@@ -353,11 +362,21 @@ def write_headline(payoff: dict[str, Any]) -> Path:
     return path
 
 
-def markdown(summary: dict[str, Any], grid: Grid, wall: float) -> str:
+def markdown(
+    summary: dict[str, Any], grid: Grid, wall: float, rows: Sequence[dict[str, Any]] = ()
+) -> str:
     """Tables of the grid (what docs/results.md quotes)."""
+    done = [r for r in rows if r.get("seconds")]
+    reused = sum(1 for r in done if r.get("reused"))
+    cost = (
+        f" {len(done)} runs, {sum(r['seconds'] for r in done) / 60:.0f} min inside their "
+        f"training loops ({reused} read back from an earlier invocation)."
+        if done
+        else ""
+    )
     lines = [
         f"Grid: parts `{grid.parts}`, ratios {', '.join(f'{r:g}' for r in grid.ratios)}, "
-        f"seeds {', '.join(map(str, grid.seeds))}, wall {wall / 60:.1f} min.",
+        f"seeds {', '.join(map(str, grid.seeds))}, wall {wall / 60:.1f} min.{cost}",
         "",
         "| task | regime | strategy | acc by ratio (mean ± std) | mean | spread | best cell "
         "| collapses | time vs constant | goal vs constant |",
@@ -507,13 +526,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"testbed-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"testbed-{tag}.md").write_text(markdown(summary, grid, wall))
+    (out / f"testbed-{tag}.md").write_text(markdown(summary, grid, wall, rows))
     plot(rows, tag, out)
     if args.headline:
         print(f"wrote {write_headline(headline(summary))}")
     if args.docs:
-        print(f"wrote {update_docs(Path(args.docs), tag, markdown(summary, grid, wall))}")
-    print(markdown(summary, grid, wall))
+        print(f"wrote {update_docs(Path(args.docs), tag, markdown(summary, grid, wall, rows))}")
+    print(markdown(summary, grid, wall, rows))
     failed = [r for r in rows if r.get("failed")]
     return 1 if failed else 0
 
