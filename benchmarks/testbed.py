@@ -341,6 +341,18 @@ def goal(s: dict[str, Any], const: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _verdict(g: dict[str, Any]) -> str:
+    """The goal column: met, or the checks missed (the mean's gap to the best cell)."""
+    if g["met"]:
+        return "**met**"
+    missed = []
+    for k, ok in g.items():
+        if isinstance(ok, bool) and not ok and k != "met":
+            gap = g["mean"] - g["constant_best_cell"]
+            missed.append(f"{k} ({gap:+.3f})" if k == "mean_ge_best_constant_cell" else k)
+    return "missed: " + ", ".join(missed)
+
+
 def headline(summary: dict[str, Any], recommended: str = RECOMMENDED) -> dict[str, Any]:
     """``payoff.<regime>.<task>.<strategy>`` = {mean, spread, best_cell, seeds} and text_only."""
     payoff: dict[str, Any] = {"recommended": recommended}
@@ -376,7 +388,8 @@ def markdown(
     )
     lines = [
         f"Grid: parts `{grid.parts}`, ratios {', '.join(f'{r:g}' for r in grid.ratios)}, "
-        f"seeds {', '.join(map(str, grid.seeds))}, wall {wall / 60:.1f} min.{cost}",
+        f"seeds {', '.join(map(str, grid.seeds))}.{cost}"
+        + (f" Wall time of this invocation {wall / 60:.1f} min." if reused < len(done) else ""),
         "",
         "| task | regime | strategy | acc by ratio (mean ± std) | mean | spread | best cell "
         "| collapses | time vs constant | goal vs constant |",
@@ -392,18 +405,7 @@ def markdown(
         for s, v in entry["strategies"].items():
             accs = " / ".join(f"{x['mean']:.3f} ± {x['std']:.3f}" for x in v["by_ratio"].values())
             g = entry.get("goal", {}).get(s)
-            verdict = (
-                ""
-                if g is None
-                else (
-                    "**met**"
-                    if g["met"]
-                    else "missed: "
-                    + ", ".join(
-                        k for k, ok in g.items() if isinstance(ok, bool) and not ok and k != "met"
-                    )
-                )
-            )
+            verdict = "" if g is None else _verdict(g)
             tr = v.get("time_vs_constant")
             lines.append(
                 f"| {task} | {regime} | {s} | {accs} | {v['mean']:.3f} | {v['spread']:.3f} | "
