@@ -119,8 +119,8 @@ def train(
         if step % t.log_every == 0 or step == t.steps - 1:
             s.logger.log_step(record)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{ce_mean:.3f}", kappa=_fmt(record.get("kappa")), state=record["state"]
+        bar.set_postfix(  # kappa_bar: held between the estimates taken every K steps
+            loss=f"{ce_mean:.3f}", kappa_bar=_fmt(record.get("kappa_bar")), state=record["state"]
         )
         fault_point(f"step:{step}")
         # ---- evaluate and save when due ---------------------------------------------------
