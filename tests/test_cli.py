@@ -32,7 +32,7 @@ def test_help_shows_defaults_and_no_repository_paths(capsys):
     assert "configs/" not in train  # a pip user has no configs/ folder
     assert "validate-config FILE" in train and "README" in train
     demo = _help(capsys, "demo")
-    assert "(default: easy-vqa)" in demo and "(default: constant,commit)" in demo
+    assert "(default: easy-vqa)" in demo and "(default: constant,commit,progress)" in demo
     assert "{" + ",".join(DEMO_TASKS) + "}" in demo
     assert "(default: runs/demo)" in demo and "--resume" in demo and "--update-readme" in demo
     compare = _help(capsys, "compare")
