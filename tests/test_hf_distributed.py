@@ -95,7 +95,9 @@ def train(
             for b in batches
             for r in range(world)
         ]
-    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1, gamma=0.3))
+    cb = CoMMITCallback(
+        comps, CoMMITConfig(strategy="commit", window=1, gamma=0.3, exact=True, snapshot="all")
+    )
     args = T.TrainingArguments(
         output_dir=os.path.join(os.path.dirname(out or "."), "trainer"),
         max_steps=STEPS,

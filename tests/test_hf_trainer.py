@@ -57,7 +57,7 @@ def test_metrics_reach_log_history_and_tensorboard(tmp_path):
 
     model = build("llava")
     comps = build_components(model, lrs={"encoder": 2e-3, "llm": 1e-3})
-    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1))
+    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit", window=1, every=1))
     tr = trainer_for(tmp_path, model, cb, report_to=["tensorboard"])
     assert any(type(c).__name__ == "TensorBoardCallback" for c in tr.callback_handler.callbacks)
     tr.train()
@@ -106,10 +106,11 @@ def test_metrics_reach_reporters_registered_first(tmp_path):
             # The logged step's own values; kappa from the newest estimate (every=2).
             assert r["lr/encoder"] == hist["lr/encoder"]
             assert r["grad_norm/llm"] == hist["grad_norm/llm"]
-        assert steps[0]["commit/kappa"] == cb.history[0]["commit/kappa"]
-        assert steps[0]["commit/estimate_step"] == 1
-        assert steps[1]["commit/kappa"] == cb.history[2]["commit/kappa"]
-        assert steps[1]["commit/estimate_step"] == 3
+        # every=2 estimates at the last step of each block: global steps 2 and 4
+        assert steps[0]["commit/kappa"] == cb.history[1]["commit/kappa"]
+        assert steps[0]["commit/estimate_step"] == 2
+        assert steps[1]["commit/kappa"] == cb.history[3]["commit/kappa"]
+        assert steps[1]["commit/estimate_step"] == 4
     evals = [r for r in tr.state.log_history if "loss" not in r]
     assert all(not any(k.startswith("commit/") for k in r) for r in evals)
 
@@ -122,7 +123,7 @@ def test_learning_rate_is_the_default_base_rate(tmp_path):
     model = build("llava")
     comps = build_components(model, lrs={"encoder": 3e-3})
     assert math.isnan(comps["llm"].lr) and "unset" in comps.table()
-    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1, gamma=0.5))
+    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1, gamma=0.5, every=1))
     tr = trainer_for(
         tmp_path,
         model,
@@ -172,7 +173,7 @@ def test_weight_decay_split_per_component(tmp_path):
     comps = build_components(
         model, lrs={"encoder": 2e-3, "llm": 1e-3}, weight_decay={"encoder": 0.05}
     )
-    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1, gamma=0.5))
+    cb = CoMMITCallback(comps, CoMMITConfig(strategy="commit_clr", window=1, gamma=0.5, every=1))
     tr = trainer_for(tmp_path, model, cb, steps=steps, weight_decay=0.1)
     opt = tr.create_optimizer()
     check_param_groups(opt, comps)  # every trainable parameter in exactly one group
@@ -211,7 +212,7 @@ def test_weight_decay_split_per_component(tmp_path):
 def test_plain_trainer_says_how_to_fix(tmp_path):
     model = build("llava")
     before = [p.detach().clone() for p in model.parameters()]
-    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1))
+    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1, every=1))
     plain = T.Trainer(
         model=model,
         args=args(tmp_path),
@@ -228,7 +229,7 @@ def test_plain_trainer_says_how_to_fix(tmp_path):
 
 def test_foreign_optimizer_and_missing_callback(tmp_path):
     model = build("llava")
-    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1))
+    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1, every=1))
     data = Batches([make_batch("llava", model)])
     tr = CoMMITTrainer(
         model=model,
@@ -251,7 +252,7 @@ def test_foreign_optimizer_and_missing_callback(tmp_path):
 def test_own_commit_optimizer_is_accepted(tmp_path):
     model = build("llava")
     comps = build_components(model, lrs={"encoder": 2e-3})
-    cb = CoMMITCallback(comps, CoMMITConfig(window=1))
+    cb = CoMMITCallback(comps, CoMMITConfig(window=1, every=1))
     opt = commit_optimizer(comps, args(tmp_path, learning_rate=5e-4), model=model)
     tr = trainer_for(tmp_path, model, cb, steps=2)
     tr.optimizer = opt
@@ -263,7 +264,7 @@ def test_own_commit_optimizer_is_accepted(tmp_path):
 def test_fsdp_is_refused_before_the_first_step(tmp_path):
     # transformers ignores fsdp= on a CPU-only run, so the Trainer's flag is set by hand.
     model = build("llava")
-    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1))
+    cb = CoMMITCallback(build_components(model, lrs=1e-3), CoMMITConfig(window=1, every=1))
     tr = trainer_for(tmp_path, model, cb, steps=1)
     tr.is_fsdp_enabled = True
     with pytest.raises(TrainerSetupError, match=r"does not support FSDP: use DDP or DeepSpeed"):
