@@ -344,6 +344,13 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher's
     ns = parser.parse_args()
     train(ns.out, ns.stage, ns.ga, ns.launcher, ns.cuda, ns.save_steps, ns.resume)
+    # An orderly teardown: left to interpreter exit, the process group's C++ threads can abort
+    # the process ("terminate called without an active exception") on a loaded machine.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -234,10 +234,14 @@ def test_a_signal_in_the_last_step_saves_it_and_resume_does_the_final_evaluation
     _assert_same_as(out, reference)
 
 
-def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, capsys, monkeypatch):
+def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, capsys, monkeypatch, request):
     import commit_mllm.trainer as trainer
     from commit_mllm.cli import main
 
+    # Python's own Ctrl-C handler, also when this process was started with SIGINT ignored
+    # (a background job of a non-interactive shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real = trainer.assemble
 
     def slow_to_build(*args, **kwargs):
