@@ -1,34 +1,37 @@
-"""The testbed grid: does a balance strategy pay off against a tuned constant LR?
+"""The testbed grid: does a balance strategy pay off against what users really run?
 
 Grid: regime (A: tower frozen + fresh projector + LoRA LLM; B: everything trained; C: from
-scratch) x task (vision: easy-vqa, audio: tones-aqa) x strategy x LR ratio
-eta_enc / eta_llm (eta_llm fixed by the config) x seed, each run through the project's CLI
-(`commit-mllm train`) as its own process with one torch thread, plus the text-only baseline
-(`data.blind=true`, constant LR at ratio 1) per regime, task and seed. Configs:
+scratch) x task x strategy x LR ratio eta_enc / eta_llm (eta_llm fixed by the config) x seed,
+each run through the project's CLI (`commit-mllm train`) as its own process with one torch
+thread. Beside them, once per cell and seed: the text-only baseline (`data.blind=true`) and
+the frameworks' recipes (:data:`testbed_summary.BASELINES`: ``frozen``, ``llava-ov``,
+``ldog``); the ``cap`` rule is read off constant's cells. Tasks (:data:`TASKS`): ``vision``
+(easy-vqa) and ``audio`` (tones-aqa), where a frozen pretrained encoder already sees what the
+questions need, and the must-learn ``vision-ml`` / ``audio-ml`` (the same questions, an
+encoder pretrained blind to colour / pitch: :data:`commit_mllm.tasks.VARIANTS`). Configs:
 ``configs/testbed/<task>-<regime>-<parts>.yaml``.
 
-Per strategy and cell (regime, task): accuracy per ratio (mean and std over seeds), the mean
-over the ratios, the spread (max - min of the per-ratio means), the best cell, collapses
-(a run within ``COLLAPSE_MARGIN`` of its seed's text-only accuracy), and the goal of the
-payoff issue against constant LR: mean >= constant's best cell, spread <= 1/3 of
-constant's, no collapse, and mean not below constant's mean by more than one seed-std.
+What is computed per cell (best baseline, gaps, the goal): :mod:`testbed_summary`.
 
 Usage::
 
     python benchmarks/testbed.py --quick                 # < 15 min on 2 cores
+    python benchmarks/testbed.py --quick-ml              # the must-learn quick grid
     python benchmarks/testbed.py --jobs 2                # the full tiny grid (hours)
-    python benchmarks/testbed.py --regimes A --tasks vision --parts real --seeds 0 \
-        --strategies constant,progress --tag real-A      # the real-parts confirmation
+    python benchmarks/testbed.py --regimes A --tasks vision --parts real --seeds 0,1 \
+        --strategies constant --ratios 0.1,1,10 --baselines frozen --tag real  # real parts
 
 Finished runs (their ``summary.json``) are reused, so an interrupted grid resumes. Results:
 ``benchmarks/results/testbed-<tag>.json``, ``testbed-<tag>.md`` (tables), plots
 ``testbed-<tag>_<task>-<regime>.png``; ``--headline`` also writes the ``payoff`` entries of
-``benchmarks/results/headline.json`` (other keys kept).
+``benchmarks/results/headline.json`` (other keys and other grids' cells kept; real parts
+under ``payoff.real``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -42,13 +45,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import testbed_summary as ts
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-TASKS = {"vision": "easy-vqa", "audio": "tones-aqa"}
+RESULTS = ts.RESULTS
+TASKS = {
+    "vision": "easy-vqa",
+    "audio": "tones-aqa",
+    "vision-ml": "easy-vqa-colourblind",
+    "audio-ml": "tones-aqa-pitchblind",
+}
+"""Grid task -> built-in task (the data.task its configs set)."""
+MUST_LEARN = frozenset({"vision-ml", "audio-ml"})
+"""Tasks whose pretrained encoder lacks a feature the questions need."""
 STRATEGIES = ("constant", "commit_clr", "commit", "progress", "feature_cd", "language_cd", "ogm_ge")
-COLLAPSE_MARGIN = 0.02
 RECOMMENDED = "progress"
-TEXT_ONLY = "text_only"
+TEXT_ONLY = ts.TEXT_ONLY
+BASELINE_REGIMES = {"frozen": "ABC", "llava-ov": "BC", "ldog": "ABC"}
+"""Where each recipe differs from the grid's own runs (regime A's tower is frozen anyway)."""
 
 
 @dataclass
@@ -59,7 +74,8 @@ class Grid:
     tasks: tuple[str, ...] = ("vision", "audio")
     parts: str = "tiny"
     strategies: tuple[str, ...] = STRATEGIES
-    ratios: tuple[float, ...] = (0.1, 1.0, 10.0)
+    ratios: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    baselines: tuple[str, ...] = ts.BASELINES
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int | None = None  # None = the config's
     llm_lr: float | None = None  # None = the config's eta_llm
@@ -69,7 +85,8 @@ class Grid:
     run_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-FULL = Grid()
+FULL = Grid(tasks=("vision", "audio"))
+MUST_LEARN_GRID = Grid(regimes=("B",), tasks=("vision-ml", "audio-ml"))
 QUICK = Grid(
     regimes=("A",),
     tasks=("vision",),
@@ -77,6 +94,17 @@ QUICK = Grid(
     ratios=(0.1, 10.0),
     seeds=(0,),
     steps=300,
+    baselines=("frozen",),
+    text_only=True,
+)
+QUICK_ML = Grid(
+    regimes=("B",),
+    tasks=("vision-ml",),
+    strategies=("constant", "progress"),
+    ratios=(0.1, 10.0),
+    seeds=(0,),
+    steps=400,
+    baselines=("frozen", "llava-ov"),
     text_only=True,
 )
 
@@ -130,6 +158,8 @@ def run_command(
         ovr.append("train.eval_every=0")  # the final evaluation only
     if strategy == TEXT_ONLY:
         ovr += ["commit.strategy=constant", "data.blind=true"]
+    elif strategy in ts.BASELINES:
+        ovr += baseline_overrides(strategy, eta)
     else:
         ovr.append(f"commit.strategy={strategy}")
     ovr += [*grid.overrides, *grid.run_overrides.get(strategy, ())]
@@ -137,13 +167,46 @@ def run_command(
     return [py, "-m", "commit_mllm.cli", "train", "--config", str(cfg), *ovr]
 
 
+def baseline_overrides(name: str, eta: float) -> list[str]:
+    """The settings of a framework recipe, eta = the LLM's rate (constant LR, kappa logged).
+
+    ``frozen``: the pretrained tower at rate 0, the projector at the LLM's (LLaVA-1.5,
+    LLaMA-Factory, InternVL). ``llava-ov``: the tower trained at 0.2x the LLM's rate, the
+    projector at 1x (LLaVA-OneVision's 2e-6 vs 1e-5). ``ldog``: layer-wise DoG for every
+    group (rates = DoG's multiplier 1, the schedule kept; no weight decay, as DoG's paper).
+    """
+    if name == "frozen":
+        return [
+            "commit.strategy=constant",
+            "train.freeze_encoder=true",
+            f"train.encoder_lr={eta!r}",
+        ]
+    if name == "llava-ov":
+        return [
+            "commit.strategy=constant",
+            "projector_side=own",
+            f"train.encoder_lr={0.2 * eta!r}",
+            f"train.projector_lr={eta!r}",
+        ]
+    if name == "ldog":
+        rates = [f"train.{k}=1.0" for k in ("lr", "encoder_lr", "llm_lr")]
+        return [
+            "commit.strategy=constant",
+            "train.optimizer=ldog",
+            "train.weight_decay=0.0",
+            *rates,
+        ]
+    raise ValueError(f"unknown baseline {name!r}; available: {', '.join(ts.BASELINES)}")
+
+
 def jobs(grid: Grid, root: Path) -> list[dict[str, Any]]:
-    """Every run of the grid (text-only baseline included) as a job description."""
+    """Every run of the grid (text-only and the recipes included) as a job description."""
     out = []
     for task in grid.tasks:
         for regime in grid.regimes:
             for seed in grid.seeds:
                 runs = [(s, r) for s in grid.strategies for r in grid.ratios]
+                runs += [(b, 1.0) for b in grid.baselines if regime in BASELINE_REGIMES[b]]
                 if grid.text_only:
                     runs.append((TEXT_ONLY, 1.0))
                 for strategy, ratio in runs:
@@ -236,213 +299,6 @@ def run_grid(grid: Grid, root: Path, n_jobs: int, log=print) -> list[dict[str, A
         return list(pool.map(go, todo))
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.fmean(xs) if xs else None
-
-
-def _std(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.stdev(xs) if len(xs) > 1 else (0.0 if xs else None)
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (task, regime): text-only baseline, per-strategy cells and the payoff goal."""
-    out: dict[str, Any] = {}
-    ok = [r for r in rows if r.get("accuracy") is not None]
-    for task, regime in sorted({(r["task"], r["regime"]) for r in ok}):
-        cell_rows = [r for r in ok if (r["task"], r["regime"]) == (task, regime)]
-        text = {r["seed"]: r["accuracy"] for r in cell_rows if r["strategy"] == TEXT_ONLY}
-        strategies = {}
-        for strategy in sorted({r["strategy"] for r in cell_rows} - {TEXT_ONLY}):
-            rs = [r for r in cell_rows if r["strategy"] == strategy]
-            strategies[strategy] = strategy_summary(rs, text)
-        entry = {
-            "text_only": {
-                "mean": _mean(text.values()),
-                "std": _std(text.values()),
-                "seeds": sorted(text),
-            },
-            "strategies": strategies,
-        }
-        if "constant" in strategies:
-            entry["goal"] = {
-                s: goal(v, strategies["constant"]) for s, v in strategies.items() if s != "constant"
-            }
-            for s, v in strategies.items():
-                v["time_vs_constant"] = _time_ratio(cell_rows, s)
-        out[f"{task}-{regime}"] = entry
-    return out
-
-
-def _time_ratio(rows: list[dict[str, Any]], strategy: str) -> float | None:
-    """Median over (ratio, seed) cells of this strategy's run time / constant's."""
-    const = {(r["ratio"], r["seed"]): r.get("seconds") for r in rows if r["strategy"] == "constant"}
-    ratios = [
-        r["seconds"] / const[(r["ratio"], r["seed"])]
-        for r in rows
-        if r["strategy"] == strategy and r.get("seconds") and const.get((r["ratio"], r["seed"]))
-    ]
-    return statistics.median(ratios) if ratios else None
-
-
-def strategy_summary(rs: list[dict[str, Any]], text: dict[int, float]) -> dict[str, Any]:
-    """Accuracy by ratio (mean, std over seeds), mean over ratios, spread, best cell."""
-    by_ratio = {}
-    for ratio in sorted({r["ratio"] for r in rs}):
-        accs = [r["accuracy"] for r in rs if r["ratio"] == ratio]
-        by_ratio[f"{ratio:g}"] = {"mean": _mean(accs), "std": _std(accs), "n": len(accs)}
-    means = [v["mean"] for v in by_ratio.values()]
-    collapses = [
-        {"ratio": r["ratio"], "seed": r["seed"]}
-        for r in rs
-        if r["seed"] in text and r["accuracy"] <= text[r["seed"]] + COLLAPSE_MARGIN
-    ]
-    return {
-        "by_ratio": by_ratio,
-        "mean": _mean(means),
-        "spread": max(means) - min(means),
-        "best_cell": max(means),
-        "best_ratio": float(max(by_ratio, key=lambda k: by_ratio[k]["mean"])),
-        "seed_std": _mean([v["std"] for v in by_ratio.values()]),
-        "seeds": sorted({r["seed"] for r in rs}),
-        "collapses": collapses,
-        "final_loss": _mean([r["final_loss"] for r in rs]),
-        "final_factors": _final_factors(rs),
-    }
-
-
-def _final_factors(rs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per ratio: the mean final factor of each component (how far the rule moved)."""
-    out = {}
-    for ratio in sorted({r["ratio"] for r in rs}):
-        fs = [r["factors"] for r in rs if r["ratio"] == ratio and r.get("factors")]
-        if fs:
-            out[f"{ratio:g}"] = {c: statistics.fmean(f[c] for f in fs) for c in fs[0]}
-    return out
-
-
-def goal(s: dict[str, Any], const: dict[str, Any]) -> dict[str, Any]:
-    """The payoff goal of a strategy against constant LR in one (task, regime)."""
-    checks = {
-        "mean_ge_best_constant_cell": s["mean"] >= const["best_cell"] - 1e-12,
-        "spread_le_third_of_constant": s["spread"] <= const["spread"] / 3 + 1e-12,
-        "no_collapse": not s["collapses"],
-        "not_worse_than_constant_by_a_seed_std": s["mean"]
-        >= const["mean"] - (const["seed_std"] or 0.0) - 1e-12,
-    }
-    return {
-        **checks,
-        "met": all(checks.values()),
-        "mean": s["mean"],
-        "constant_best_cell": const["best_cell"],
-        "spread": s["spread"],
-        "constant_spread": const["spread"],
-    }
-
-
-def _verdict(g: dict[str, Any]) -> str:
-    """The goal column: met, or the checks missed (the mean's gap to the best cell)."""
-    if g["met"]:
-        return "**met**"
-    missed = []
-    for k, ok in g.items():
-        if isinstance(ok, bool) and not ok and k != "met":
-            gap = g["mean"] - g["constant_best_cell"]
-            missed.append(f"{k} ({gap:+.3f})" if k == "mean_ge_best_constant_cell" else k)
-    return "missed: " + ", ".join(missed)
-
-
-def headline(summary: dict[str, Any], recommended: str = RECOMMENDED) -> dict[str, Any]:
-    """``payoff.<regime>.<task>.<strategy>`` = {mean, spread, best_cell, seeds} and text_only."""
-    payoff: dict[str, Any] = {"recommended": recommended}
-    for key, entry in summary.items():
-        task, regime = key.split("-")
-        cell = payoff.setdefault(regime, {}).setdefault(task, {})
-        for s, v in entry["strategies"].items():
-            cell[s] = {k: v[k] for k in ("mean", "spread", "best_cell", "seeds")}
-        cell["text_only"] = entry["text_only"]["mean"]
-    return payoff
-
-
-def write_headline(payoff: dict[str, Any]) -> Path:
-    """Merge ``payoff`` into benchmarks/results/headline.json (other keys are kept)."""
-    path = RESULTS / "headline.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data["payoff"] = payoff
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def markdown(
-    summary: dict[str, Any], grid: Grid, wall: float, rows: Sequence[dict[str, Any]] = ()
-) -> str:
-    """Tables of the grid (what docs/results.md quotes)."""
-    done = [r for r in rows if r.get("seconds")]
-    reused = sum(1 for r in done if r.get("reused"))
-    cost = (
-        f" {len(done)} runs, {sum(r['seconds'] for r in done) / 60:.0f} min inside their "
-        f"training loops ({reused} read back from an earlier invocation)."
-        if done
-        else ""
-    )
-    lines = [
-        f"Grid: parts `{grid.parts}`, ratios {', '.join(f'{r:g}' for r in grid.ratios)}, "
-        f"seeds {', '.join(map(str, grid.seeds))}.{cost}"
-        + (f" Wall time of this invocation {wall / 60:.1f} min." if reused < len(done) else ""),
-        "",
-        "| task | regime | strategy | acc by ratio (mean ± std) | mean | spread | best cell "
-        "| collapses | time vs constant | goal vs constant |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for key, entry in summary.items():
-        task, regime = key.split("-")
-        t = entry["text_only"]
-        if t["mean"] is not None:
-            lines.append(
-                f"| {task} | {regime} | text-only | {t['mean']:.3f} ± {t['std']:.3f} | | | | | | |"
-            )
-        for s, v in entry["strategies"].items():
-            accs = " / ".join(f"{x['mean']:.3f} ± {x['std']:.3f}" for x in v["by_ratio"].values())
-            g = entry.get("goal", {}).get(s)
-            verdict = "" if g is None else _verdict(g)
-            tr = v.get("time_vs_constant")
-            lines.append(
-                f"| {task} | {regime} | {s} | {accs} | {v['mean']:.3f} | {v['spread']:.3f} | "
-                f"{v['best_cell']:.3f} (r={v['best_ratio']:g}) | {len(v['collapses'])} | "
-                f"{'' if tr is None else f'{tr:.2f}x'} | {verdict} |"
-            )
-    lines += [
-        "",
-        "Accuracy: exact match on the held-out questions, mean ± std over the seeds, at each LR "
-        "ratio eta_enc / eta_llm (ascending). Spread: max - min of the per-ratio means. "
-        "Collapses: runs within the margin of their seed's text-only accuracy. Time vs "
-        "constant: median over the (ratio, seed) cells of the run's training-loop seconds "
-        "(its periodic evaluations included) over constant's, runs sharing the machine. "
-        "Goal (the payoff issue): mean over ratios >= constant's best cell, spread <= 1/3 of "
-        "constant's, no collapse, mean not below constant's by more than a seed-std.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def update_docs(path: Path, tag: str, table: str) -> Path:
-    """Put ``table`` between ``<!-- testbed:TAG -->`` and ``<!-- /testbed:TAG -->`` in ``path``."""
-    start, end = f"<!-- testbed:{tag} -->", f"<!-- /testbed:{tag} -->"
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path}: add the markers {start} and {end} where the table goes")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    path.write_text(f"{head}{start}\n{table}{end}{tail}")
-    return path
-
-
-def docs_block(path: Path, tag: str) -> str:
-    """The generated block of ``path`` for ``tag`` (what :func:`update_docs` wrote)."""
-    start, end = f"<!-- testbed:{tag} -->", f"<!-- /testbed:{tag} -->"
-    return path.read_text().split(start, 1)[1].split(end, 1)[0].lstrip("\n")
-
-
 def plot(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path]:
     """Per (task, regime): accuracy vs ratio per strategy, and eval curves per ratio."""
     import matplotlib
@@ -454,13 +310,16 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path
     ok = [r for r in rows if r.get("accuracy") is not None]
     for task, regime in sorted({(r["task"], r["regime"]) for r in ok}):
         rs = [r for r in ok if (r["task"], r["regime"]) == (task, regime)]
-        ratios = sorted({r["ratio"] for r in rs if r["strategy"] != TEXT_ONLY})
+        ratios = sorted({r["ratio"] for r in rs if r["strategy"] not in (TEXT_ONLY, *ts.BASELINES)})
         fig, axes = plt.subplots(1, 1 + len(ratios), figsize=(4.2 * (1 + len(ratios)), 3.6))
         text = [r["accuracy"] for r in rs if r["strategy"] == TEXT_ONLY]
         for ax in axes:
             if text:
                 ax.axhline(statistics.fmean(text), color="gray", ls=":", label="text-only")
-        strategies = sorted({r["strategy"] for r in rs} - {TEXT_ONLY})
+        for i, b in enumerate(sorted({r["strategy"] for r in rs} & set(ts.BASELINES))):
+            acc = statistics.fmean(r["accuracy"] for r in rs if r["strategy"] == b)
+            axes[0].axhline(acc, color=f"C{7 + i}", ls="--", lw=1, label=f"{b} (recipe)")
+        strategies = sorted({r["strategy"] for r in rs} - {TEXT_ONLY, *ts.BASELINES})
         for s in strategies:
             xs = [x for x in ratios if any(r["strategy"] == s and r["ratio"] == x for r in rs)]
             accs = [
@@ -501,10 +360,11 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (see the module docstring)."""
     args = _parse(argv)
-    grid = QUICK if args.quick else FULL
-    for name in ("regimes", "tasks", "strategies"):
-        if getattr(args, name):
-            setattr(grid, name, tuple(getattr(args, name).split(",")))
+    grid = copy.deepcopy(QUICK if args.quick else QUICK_ML if args.quick_ml else FULL)
+    for name in ("regimes", "tasks", "strategies", "baselines"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(grid, name, tuple(x for x in value.split(",") if x))
     if args.ratios:
         grid.ratios = tuple(float(x) for x in args.ratios.split(","))
     if args.seeds:
@@ -513,12 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid.llm_lr = args.llm_lr or grid.llm_lr
     grid.text_only = not args.no_text_only
     grid.overrides = tuple(args.set)
-    tag = args.tag or ("quick" if args.quick else f"{grid.parts}")
+    tag = args.tag or ("quick" if args.quick else "quick-ml" if args.quick_ml else grid.parts)
     root = Path(args.runs) / tag
     t0 = time.perf_counter()
     rows = run_grid(grid, root, args.jobs)
     wall = time.perf_counter() - t0
-    summary = summarize(rows)
+    summary = ts.summarize(rows, MUST_LEARN)
     result = {
         "grid": {**grid.__dict__},
         "wall_seconds": wall,
@@ -528,13 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"testbed-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"testbed-{tag}.md").write_text(markdown(summary, grid, wall, rows))
+    table = ts.markdown(summary, grid, wall, rows)
+    (out / f"testbed-{tag}.md").write_text(table)
     plot(rows, tag, out)
     if args.headline:
-        print(f"wrote {write_headline(headline(summary))}")
+        section = None if grid.parts == "tiny" else grid.parts
+        print(f"wrote {ts.write_headline(ts.headline(summary, RECOMMENDED), section)}")
     if args.docs:
-        print(f"wrote {update_docs(Path(args.docs), tag, markdown(summary, grid, wall, rows))}")
-    print(markdown(summary, grid, wall, rows))
+        print(f"wrote {ts.update_docs(Path(args.docs), tag, table)}")
+    print(table)
     failed = [r for r in rows if r.get("failed")]
     return 1 if failed else 0
 
@@ -542,8 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the QUICK grid (< 15 min on 2 cores)")
+    p.add_argument("--quick-ml", action="store_true", help="the must-learn quick grid (< 15 min)")
     p.add_argument("--regimes", help="comma-separated subset of A,B,C")
-    p.add_argument("--tasks", help="comma-separated subset of vision,audio")
+    p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--baselines", help=f"comma-separated subset of {','.join(ts.BASELINES)}")
     p.add_argument("--parts", help="tiny (default) or real (configs/testbed/*-real.yaml)")
     p.add_argument("--strategies", help="comma-separated strategies")
     p.add_argument("--ratios", help="comma-separated eta_enc / eta_llm ratios")

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import testbed  # noqa: E402
+import testbed_summary as ts  # noqa: E402
 
 
 def _args(cmd: list[str]) -> dict[str, str]:
@@ -44,9 +45,48 @@ def test_every_cell_of_the_full_grid_has_a_config():
             assert testbed.config_path(testbed.FULL, task, regime).is_file(), (task, regime)
 
 
-def _row(strategy, ratio, seed, acc, seconds=10.0):
+def test_every_task_of_the_grid_names_its_built_in_task():
+    from commit_mllm.tasks import TASKS, VARIANTS
+
+    assert set(testbed.TASKS.values()) <= set(TASKS)
+    assert {testbed.TASKS[t] for t in testbed.MUST_LEARN} == set(VARIANTS)
+    for task in testbed.MUST_LEARN_GRID.tasks:
+        cfg = testbed.config_path(testbed.MUST_LEARN_GRID, task, "B")
+        assert f"task: {testbed.TASKS[task]}" in cfg.read_text()
+
+
+@pytest.mark.parametrize("name", ["frozen", "llava-ov", "ldog"])
+def test_each_recipe_runs_once_per_seed_with_its_own_settings(tmp_path, name):
+    grid = testbed.Grid(regimes=("B",), tasks=("vision",), seeds=(0, 1), baselines=(name,))
+    eta = testbed.llm_lr(testbed.config_path(grid, "vision", "B"))
+    runs = [j for j in testbed.jobs(grid, tmp_path) if j["strategy"] == name]
+    assert len(runs) == 2  # one per seed, not one per ratio
+    args = _args(runs[0]["cmd"])
+    assert args["commit.strategy"] == "constant"
+    if name == "frozen":
+        assert args["train.freeze_encoder"] == "true"
+        assert float(args["train.encoder_lr"]) == eta
+    elif name == "llava-ov":
+        assert args["projector_side"] == "own"
+        assert float(args["train.encoder_lr"]) == pytest.approx(0.2 * eta)
+        assert float(args["train.projector_lr"]) == eta
+    else:
+        assert args["train.optimizer"] == "ldog" and float(args["train.llm_lr"]) == 1.0
+
+
+def test_llava_ov_is_not_run_where_the_tower_is_frozen_anyway(tmp_path):
+    grid = testbed.Grid(regimes=("A",), tasks=("vision",), seeds=(0,))
+    names = {j["strategy"] for j in testbed.jobs(grid, tmp_path)}
+    assert "llava-ov" not in names and {"frozen", "ldog", testbed.TEXT_ONLY} <= names
+
+
+def test_the_default_ratio_axis_spans_four_decades():
+    assert testbed.FULL.ratios == (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def _row(strategy, ratio, seed, acc, seconds=10.0, task="vision"):
     return {
-        "task": "vision",
+        "task": task,
         "regime": "B",
         "strategy": strategy,
         "ratio": ratio,
@@ -58,21 +98,23 @@ def _row(strategy, ratio, seed, acc, seconds=10.0):
     }
 
 
-CONST = {0.1: (0.78, 0.77, 0.76), 1.0: (0.77, 0.76, 0.78), 10.0: (0.665, 0.64, 0.70)}
+CONST = {0.1: (0.79, 0.77, 0.76), 1.0: (0.77, 0.76, 0.78), 10.0: (0.665, 0.64, 0.70)}
 RULE = {0.1: (0.78, 0.78, 0.77), 1.0: (0.78, 0.77, 0.79), 10.0: (0.77, 0.76, 0.79)}
+FROZEN = (0.75, 0.74, 0.76)
 TEXT = (0.65, 0.65, 0.66)
 
 
-def _rows():
-    rows = [_row(testbed.TEXT_ONLY, 1.0, s, a) for s, a in enumerate(TEXT)]
+def _rows(task="vision"):
+    rows = [_row(testbed.TEXT_ONLY, 1.0, s, a, task=task) for s, a in enumerate(TEXT)]
+    rows += [_row("frozen", 1.0, s, a, 9.0, task) for s, a in enumerate(FROZEN)]
     for name, table, secs in (("constant", CONST, 10.0), ("progress", RULE, 11.0)):
         for ratio, accs in table.items():
-            rows += [_row(name, ratio, s, a, secs + s) for s, a in enumerate(accs)]
+            rows += [_row(name, ratio, s, a, secs + s, task) for s, a in enumerate(accs)]
     return rows
 
 
-def test_summary_and_goal_match_a_hand_computation():
-    entry = testbed.summarize(_rows())["vision-B"]
+def test_summary_matches_a_hand_computation():
+    entry = ts.summarize(_rows())["vision-B"]
     const, rule = entry["strategies"]["constant"], entry["strategies"]["progress"]
     means = {r: statistics.fmean(a) for r, a in CONST.items()}
     assert const["mean"] == pytest.approx(statistics.fmean(means.values()))
@@ -83,64 +125,101 @@ def test_summary_and_goal_match_a_hand_computation():
     # a run within COLLAPSE_MARGIN of its seed's text-only accuracy is a collapse
     assert const["collapses"] == [{"ratio": 10.0, "seed": 0}, {"ratio": 10.0, "seed": 1}]
     assert rule["collapses"] == []
-    g = entry["goal"]["progress"]
-    rule_means = [statistics.fmean(a) for a in RULE.values()]
-    assert g["mean"] == pytest.approx(statistics.fmean(rule_means))
-    assert g["mean_ge_best_constant_cell"] is (statistics.fmean(rule_means) >= max(means.values()))
-    assert g["spread_le_third_of_constant"] is (
-        max(rule_means) - min(rule_means) <= const["spread"] / 3
-    )
-    assert g["no_collapse"] and g["not_worse_than_constant_by_a_seed_std"]
-    assert g["met"] is all(
-        g[k]
-        for k in (
-            "mean_ge_best_constant_cell",
-            "spread_le_third_of_constant",
-            "no_collapse",
-            "not_worse_than_constant_by_a_seed_std",
-        )
-    )
-    # time: per (ratio, seed) cell (11 + s) / (10 + s), median over the 9 cells
+    assert set(entry["strategies"]) == {"constant", "progress"}  # recipes are not strategies
+    # time: a run's seconds over the median of constant's runs of its seed
     want = statistics.median([(11.0 + s) / (10.0 + s) for _ in range(3) for s in range(3)])
     assert rule["time_vs_constant"] == pytest.approx(want)
-    assert const["time_vs_constant"] == pytest.approx(1.0)
+    assert entry["baselines"]["frozen"]["time_vs_constant"] == pytest.approx(
+        statistics.median([9.0 / (10.0 + s) for s in range(3)])
+    )
+
+
+def test_the_cap_rule_is_constant_at_the_smaller_of_the_set_ratio_and_one():
+    base = ts.summarize(_rows())["vision-B"]["baselines"]
+    cap = base["cap"]
+    want = {0.1: CONST[0.1], 1.0: CONST[1.0], 10.0: CONST[1.0]}
+    for ratio, accs in want.items():
+        assert cap["by_ratio"][f"{ratio:g}"]["mean"] == pytest.approx(statistics.fmean(accs))
+    assert cap["mean"] == pytest.approx(
+        statistics.fmean(statistics.fmean(a) for a in want.values())
+    )
+    assert base["frozen"]["mean"] == pytest.approx(statistics.fmean(FROZEN))
+    assert base["frozen"]["std"] == pytest.approx(statistics.stdev(FROZEN))
+    assert base["constant_best_cell"]["mean"] == pytest.approx(statistics.fmean(CONST[0.1]))
+
+
+def test_the_goal_compares_with_the_best_baseline_and_ties_only_where_freezing_is_right():
+    rows = _rows() + _rows("vision-ml")
+    summary = ts.summarize(rows, must_learn={"vision-ml"})
+    easy, hard = summary["vision-B"], summary["vision-ml-B"]
+    candidates = {
+        "constant_best_cell": statistics.fmean(CONST[0.1]),
+        "frozen": statistics.fmean(FROZEN),
+        "cap": statistics.fmean(statistics.fmean(a) for a in (CONST[0.1], CONST[1.0], CONST[1.0])),
+    }
+    name = max(candidates, key=candidates.get)
+    assert easy["best_baseline"] == {"name": name, "value": pytest.approx(candidates[name])}
+    rule = statistics.fmean(statistics.fmean(a) for a in RULE.values())
+    g, h = easy["goal"]["progress"], hard["goal"]["progress"]
+    assert g["gap"] == pytest.approx(rule - candidates[name])
+    assert g["mean_ge_best_baseline"] is (rule >= candidates[name] - ts.TIE)
+    assert h["mean_ge_best_baseline"] is (rule >= candidates[name])
+    assert g["no_collapse"] and g["time_within_limit"]  # 1.1x < 1.15x
+    assert easy["must_learn"] is False and hard["must_learn"] is True
+    assert "constant" not in easy["goal"]
+
+
+def test_a_slow_strategy_misses_the_time_goal():
+    rows = [r if r["strategy"] != "progress" else {**r, "seconds": 20.0} for r in _rows()]
+    g = ts.summarize(rows)["vision-B"]["goal"]["progress"]
+    assert g["time_within_limit"] is False and g["met"] is False
+    assert "time_within_limit" in ts.verdict(g)
 
 
 def test_markdown_headline_and_docs_block(tmp_path, monkeypatch):
     rows = _rows()
-    summary = testbed.summarize(rows)
-    md = testbed.markdown(summary, testbed.Grid(), 60.0, rows)
+    summary = ts.summarize(rows)
+    md = ts.markdown(summary, testbed.Grid(), 60.0, rows)
     assert "| vision | B | progress |" in md and "| vision | B | text-only |" in md
-    want = statistics.median([(11.0 + s) / (10.0 + s) for s in range(3)])
-    assert "21 runs" in md and f"| {want:.2f}x |" in md
-    payoff = testbed.headline(summary)
-    assert payoff["recommended"] == testbed.RECOMMENDED
-    assert payoff["B"]["vision"]["constant"]["seeds"] == [0, 1, 2]
-    assert payoff["B"]["vision"]["text_only"] == pytest.approx(statistics.fmean(TEXT))
-    monkeypatch.setattr(testbed, "RESULTS", tmp_path)
-    (tmp_path / "headline.json").write_text(json.dumps({"overhead": {"x": 1}}))
-    data = json.loads(testbed.write_headline(payoff).read_text())
+    assert "| vision | B | *frozen* |" in md and "| vision | B | *cap* |" in md
+    best = summary["vision-B"]["best_baseline"]
+    assert f"{best['name']} {best['value']:.3f}" in md  # the lead table
+    assert "24 runs" in md
+    payoff = ts.headline(summary, "progress")
+    cell = payoff["B"]["vision"]
+    assert payoff["recommended"] == "progress"
+    assert cell["constant"]["seeds"] == [0, 1, 2] and cell["must_learn"] is False
+    assert cell["best_baseline"] == best and set(cell["baselines"]) >= {"frozen", "cap"}
+    assert cell["text_only"] == pytest.approx(statistics.fmean(TEXT))
+    monkeypatch.setattr(ts, "RESULTS", tmp_path)
+    (tmp_path / "headline.json").write_text(
+        json.dumps({"overhead": {"x": 1}, "payoff": {"A": {"audio": {"keep": 1}}}})
+    )
+    data = json.loads(ts.write_headline(payoff).read_text())
     assert data["overhead"] == {"x": 1} and data["payoff"]["B"]["vision"]["progress"]
+    assert data["payoff"]["A"]["audio"] == {"keep": 1}  # other grids' cells are kept
+    data = json.loads(ts.write_headline(payoff, "real").read_text())
+    assert data["payoff"]["real"]["B"]["vision"]["best_baseline"] == best
     doc = tmp_path / "results.md"
     doc.write_text("intro\n<!-- testbed:t -->\nold\n<!-- /testbed:t -->\nend\n")
-    testbed.update_docs(doc, "t", md)
-    assert testbed.docs_block(doc, "t") == md
+    ts.update_docs(doc, "t", md)
+    assert ts.docs_block(doc, "t") == md
     assert doc.read_text().startswith("intro\n") and doc.read_text().endswith("end\n")
     doc.write_text("no markers\n")
     with pytest.raises(SystemExit, match="add the markers"):
-        testbed.update_docs(doc, "t", md)
+        ts.update_docs(doc, "t", md)
 
 
 @pytest.mark.slow
 def test_a_tiny_grid_runs_end_to_end_and_reuses_its_runs(tmp_path):
     argv = [
         "--regimes", "A", "--tasks", "vision", "--strategies", "constant,progress",
-        "--ratios", "10", "--seeds", "0", "--steps", "8", "--jobs", "2",
+        "--ratios", "10", "--seeds", "0", "--steps", "8", "--jobs", "2", "--baselines", "frozen",
         "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res"), "--tag", "t",
     ]  # fmt: skip
     assert testbed.main(argv) == 0
     first = json.loads((tmp_path / "res" / "testbed-t.json").read_text())
-    assert {r["strategy"] for r in first["runs"]} == {"constant", "progress", "text_only"}
+    assert {r["strategy"] for r in first["runs"]} == {"constant", "progress", "frozen", "text_only"}
     assert all(r["accuracy"] is not None and not r["reused"] for r in first["runs"])
     assert testbed.main(argv) == 0  # everything read back, nothing trained again
     again = json.loads((tmp_path / "res" / "testbed-t.json").read_text())

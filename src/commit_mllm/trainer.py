@@ -512,7 +512,7 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
     """
     from accelerate.utils import DistributedType
 
-    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
+    opt_cls = optimizer_class(t.optimizer)
     plugin = acc.distributed_type == DistributedType.FSDP
     if (t.fsdp or plugin) and acc.num_processes > 1:
         how = "train.fsdp" if t.fsdp else "accelerate's FSDP plugin (its options are not used)"
@@ -524,6 +524,24 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
     model, optimizer = acc.prepare(parts.model, opt_cls(parts.components.param_groups()))
     parts.model = acc.unwrap_model(model)
     return optimizer, (model if acc.num_processes > 1 else None), None
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class of ``train.optimizer``.
+
+    ``ldog`` is layer-wise DoG (Ivgi et al., 2023, package ``dog-optimizer``): a step size per
+    tensor from its distance travelled and its gradients, no learning rate to tune; a group's
+    rate is then DoG's multiplier (1 = the paper's), still scaled by the schedule.
+    """
+    if name == "ldog":
+        try:
+            from dog import LDoG
+        except ModuleNotFoundError:
+            raise ValueError(
+                "train.optimizer=ldog needs the dog-optimizer package: pip install dog-optimizer"
+            ) from None
+        return LDoG
+    return torch.optim.AdamW if name == "adamw" else torch.optim.SGD
 
 
 def _all_reduce(t: torch.Tensor) -> None:

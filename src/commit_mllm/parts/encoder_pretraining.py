@@ -6,6 +6,13 @@ tiny ``WhisperEncoder`` learns the event count and the pitch, direction, level a
 the first and last events of synthetic clips
 (:func:`~commit_mllm.parts.synthetic.synth_audio_scene`). Afterwards the frozen features are
 linearly probed on the task's training media (:mod:`commit_mllm.parts.probes`).
+
+Must-learn variants (:data:`commit_mllm.tasks.VARIANTS`) pretrain an encoder blind to one
+feature: its stem (CLIP's patch embedding, Whisper's first convolution) is tied across its
+input channels (RGB; mel bins) throughout pretraining, so it reads one weighted luminance per
+pixel (one energy value per frame), and the pretext drops the targets of that feature (hue and
+brightness; pitch and sweep direction). The saved weights stay tied; the MLLM trains them
+untied, so fine-tuning the tower can recover the feature and freezing it cannot.
 """
 
 from __future__ import annotations
@@ -34,12 +41,20 @@ from commit_mllm.parts.synthetic import (
 if TYPE_CHECKING:
     from commit_mllm.parts.settings import PretrainSettings
 
+WITHHELD_HEADS = {
+    "colour": ("hue", "value"),
+    "pitch": ("first_pitch", "first_dir", "last_pitch", "last_dir"),
+}
+"""Pretext targets dropped for a withheld feature (:attr:`PretrainSettings.withhold`)."""
+
 __all__ = [
+    "WITHHELD_HEADS",
     "PretextHead",
     "clip_processor_class",
     "pretrain_audio",
     "pretrain_vision",
     "segment_means",
+    "tie_stem",
 ]
 
 MS_PER_STEP = {"vision": 45, "audio": 110}
@@ -72,6 +87,26 @@ def segment_means(tokens: torch.Tensor, lengths: torch.Tensor | None, n: int) ->
     weights = (inside | (pos.unsqueeze(1) == nearest)).to(tokens.dtype)
     weights = weights / weights.sum(-1, keepdim=True)
     return weights @ tokens
+
+
+@torch.no_grad()
+def tie_stem(weight: torch.Tensor) -> None:
+    """Ties a stem's weights across its input channels in place (their mean, dim 1).
+
+    CLIP's patch embedding [d, 3, p, p] then reads ``sum_c x_c`` (one luminance value per
+    pixel), Whisper's first convolution [d, n_mels, k] one energy value per frame: colour,
+    resp. pitch, are invisible to every later layer.
+
+    Args:
+        weight: The stem's weight, input channels on dim 1.
+    """
+    weight.copy_(weight.mean(1, keepdim=True).expand_as(weight))
+
+
+def _heads(all_heads: dict[str, int], withhold: str | None) -> dict[str, int]:
+    """The pretext targets, less those of the withheld feature."""
+    drop = WITHHELD_HEADS.get(withhold, ()) if withhold else ()
+    return {k: v for k, v in all_heads.items() if k not in drop}
 
 
 class PretextHead(nn.Module):
@@ -163,8 +198,13 @@ def _train_pretext(
     make_batch: Callable[[int], tuple[Any, torch.Tensor]],
     s: PretrainSettings,
     say: Say | None,
+    stem: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """The shared pretext loop: AdamW, warmup + cosine, clip 1.0, accuracy of the last steps."""
+    """The shared pretext loop: AdamW, warmup + cosine, clip 1.0, accuracy of the last steps.
+
+    ``stem`` (a withheld feature's stem weight) is kept tied by :func:`tie_stem` at the start
+    and after every optimizer step.
+    """
     steps = s.scaled(s.encoder_steps if s.modality == "vision" else s.audio_encoder_steps)
     opt = torch.optim.AdamW([*params, *head.parameters()], lr=s.encoder_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -173,6 +213,8 @@ def _train_pretext(
     t0, tail, losses = time.perf_counter(), [], []
     usually = f"~{math.ceil(steps * MS_PER_STEP[s.modality] / 1000)} s on an idle machine"
     what = f"{s.task}: pretext-training the tiny {s.modality} encoder ({steps} steps)"
+    if stem is not None:
+        tie_stem(stem)
     with phase(say, what, usually, steps) as bar:
         for step in range(steps):
             inputs, targets = make_batch(step)
@@ -181,6 +223,8 @@ def _train_pretext(
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*params, *head.parameters()], 1.0)
             opt.step()
+            if stem is not None:
+                tie_stem(stem)
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -252,13 +296,14 @@ def pretrain_vision(s: PretrainSettings, out: Path, say: Say | None) -> dict[str
     random_init = CLIPVisionModel(CLIPVisionConfig(**s.vision))  # probe baseline
     random_init.load_state_dict(model.state_dict())
     grid = model.config.image_size // model.config.patch_size
-    head = PretextHead(model.config.hidden_size, VISION_HEADS, n_tokens=grid**2, dense=16)
+    heads = _heads(VISION_HEADS, s.withhold)
+    head = PretextHead(model.config.hidden_size, heads, n_tokens=grid**2, dense=16)
     processor = _image_processor()
     rng = np.random.default_rng([s.seed, 21])  # never the easy-vqa images or their seeds
 
     def make_batch(_step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         scenes = [synth_scene(rng, coverage=True) for _ in range(s.encoder_batch)]
-        targets = torch.tensor([[t[k] for k in VISION_HEADS] for _, t, _ in scenes])
+        targets = torch.tensor([[t[k] for k in heads] for _, t, _ in scenes])
         # Coverage of 4x4 cells per patch, in patch order: [B, grid^2, 16].
         cover = torch.from_numpy(np.stack([c for _, _, c in scenes]))
         f = 32 // (4 * grid)
@@ -272,7 +317,8 @@ def pretrain_vision(s: PretrainSettings, out: Path, say: Say | None) -> dict[str
     # post_layernorm feeds only the pooled output, which the MLLM never reads.
     params = [p for n, p in model.named_parameters() if "post_layernorm" not in n]
     model.train()
-    metrics = _train_pretext(encode, params, head, make_batch, s, say)
+    stem = model.get_input_embeddings().weight if s.withhold else None
+    metrics = _train_pretext(encode, params, head, make_batch, s, say, stem)
     t0 = time.perf_counter()
     with phase(say, f"{s.task}: linear probes of the encoder on task images", "~5 s"):
         metrics["probe"] = vision_probe(model, processor, s)
@@ -315,20 +361,22 @@ def pretrain_audio(s: PretrainSettings, out: Path, say: Say | None) -> dict[str,
     enc = AudioEncoder(config=_whisper_config(s).to_dict())
     random_init = AudioEncoder(config=_whisper_config(s).to_dict())
     random_init.load_state_dict(enc.state_dict())
-    head = PretextHead(enc.hidden_size, AUDIO_HEADS, n_segments=8)
+    heads = _heads(AUDIO_HEADS, s.withhold)
+    head = PretextHead(enc.hidden_size, heads, n_segments=8)
     fe = WhisperFeatureExtractor(feature_size=s.audio["num_mel_bins"])
     rng = np.random.default_rng([s.seed, 41])  # tones-aqa uses [seed, split, i] streams
 
     def make_batch(_step: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
         scenes = [synth_audio_scene(rng) for _ in range(s.encoder_batch)]
-        targets = torch.tensor([[t[k] for k in AUDIO_HEADS] for _, t in scenes])
+        targets = torch.tensor([[t[k] for k in heads] for _, t in scenes])
         return audio_features([c for c, _ in scenes], fe), (targets, None)
 
     def encode(inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return enc(*inputs)  # features [B, N, d], valid lengths [B]
 
     enc.train()
-    metrics = _train_pretext(encode, list(enc.parameters()), head, make_batch, s, say)
+    stem = enc.hf_model.conv1.weight if s.withhold else None
+    metrics = _train_pretext(encode, list(enc.parameters()), head, make_batch, s, say, stem)
     t0 = time.perf_counter()
     with phase(say, f"{s.task}: linear probes of the encoder on task clips", "~10 s"):
         metrics["probe"] = audio_probe(enc, fe, s)

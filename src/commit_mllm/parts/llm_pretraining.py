@@ -108,7 +108,9 @@ def pretrain_llm(tok: Any, s: PretrainSettings, out: Path, say: Say | None) -> d
     )
     model = LlamaForCausalLM(cfg)
     collator = Collator(tok)
-    corpus = llm_corpus(s.task, s.seed)
+    from commit_mllm.tasks import base_task
+
+    corpus = llm_corpus(base_task(s.task), s.seed)  # a variant's LLM is its base task's
     held_out, corpus = corpus[:512], corpus[512:]
     steps, bsz = s.scaled(s.llm_steps), s.llm_batch
     opt = torch.optim.AdamW(model.parameters(), lr=s.llm_lr, weight_decay=0.01)

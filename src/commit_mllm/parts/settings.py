@@ -16,7 +16,8 @@ class PretrainSettings:
     """Everything that determines the cached parts (hashed into the cache key).
 
     Attributes:
-        task: ``"easy-vqa"`` or ``"tones-aqa"``.
+        task: ``"easy-vqa"``, ``"tones-aqa"`` or a must-learn variant
+            (:data:`commit_mllm.tasks.VARIANTS`).
         seed: Seed of every initialisation and data stream.
         steps_scale: Multiplies every step count and probe size (tests use ~0.01).
         llm: ``LlamaConfig`` fields of the tiny LLM (vocabulary added from the tokenizer).
@@ -95,8 +96,17 @@ class PretrainSettings:
 
     @property
     def modality(self) -> str:
-        """``"vision"`` for easy-vqa, ``"audio"`` for tones-aqa."""
-        return "vision" if self.task == "easy-vqa" else "audio"
+        """``"vision"`` for easy-vqa (and its variants), ``"audio"`` for tones-aqa."""
+        from commit_mllm.tasks import base_task
+
+        return "vision" if base_task(self.task) == "easy-vqa" else "audio"
+
+    @property
+    def withhold(self) -> str | None:
+        """The feature the encoder is pretrained blind to (must-learn variants), or ``None``."""
+        from commit_mllm.tasks import withheld_feature
+
+        return withheld_feature(self.task)
 
 
 def cache_key(settings: PretrainSettings) -> str:

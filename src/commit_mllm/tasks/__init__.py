@@ -2,6 +2,13 @@
 
 ``easy-vqa`` (vision), ``tones-aqa`` (audio) and ``tones-shapes`` (an image and a sound per
 question: vision + audio + LLM, three components).
+
+Must-learn variants (:data:`VARIANTS`) keep a base task's data and questions but come with
+tiny parts whose encoder was pretrained blind to one feature the questions need:
+``easy-vqa-colourblind`` (the vision tower's stem reads one luminance channel and its pretext
+has no colour targets) and ``tones-aqa-pitchblind`` (the audio encoder's stem reads one
+energy value per frame and its pretext has no pitch or sweep targets). A frozen encoder cannot
+answer those questions; training it can (:mod:`commit_mllm.parts.encoder_pretraining`).
 """
 
 from __future__ import annotations
@@ -11,11 +18,23 @@ from typing import Any
 
 from commit_mllm.tasks import easy_vqa, tones_aqa, tones_shapes
 
-TASKS = ("easy-vqa", "tones-aqa", "tones-shapes")
+VARIANTS = {
+    "easy-vqa-colourblind": ("easy-vqa", "colour"),
+    "tones-aqa-pitchblind": ("tones-aqa", "pitch"),
+}
+"""Must-learn variant -> (base task, the feature its pretrained encoder withholds)."""
+TEXT_TASKS = ("easy-vqa", "tones-aqa")
+"""The tasks whose texts train the one tiny tokenizer (``task_texts("all")``)."""
+TASKS = ("easy-vqa", "tones-aqa", "tones-shapes", *VARIANTS)
 """Names accepted by :func:`load_task`."""
-PRETRAIN_TASKS = ("easy-vqa", "tones-aqa")
+PRETRAIN_TASKS = ("easy-vqa", "tones-aqa", *VARIANTS)
 """Tasks with tiny pretrained parts (one per encoder); ``tones-shapes`` combines both."""
-MODALITY = {"easy-vqa": "image", "tones-aqa": "audio", "tones-shapes": "image+audio"}
+MODALITY = {
+    "easy-vqa": "image",
+    "tones-aqa": "audio",
+    "tones-shapes": "image+audio",
+    **{name: "image" if base == "easy-vqa" else "audio" for name, (base, _) in VARIANTS.items()},
+}
 """The input modality of each task."""
 _MODULES = {"easy-vqa": easy_vqa, "tones-aqa": tones_aqa, "tones-shapes": tones_shapes}
 
@@ -24,6 +43,18 @@ def _check(name: str) -> None:
     """Raise a clear error for an unknown task name."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+
+
+def base_task(name: str) -> str:
+    """The task whose data a task name reads (a variant's base; else the name itself)."""
+    _check(name)
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
+def withheld_feature(name: str) -> str | None:
+    """The feature a must-learn variant's pretrained encoder lacks (``None`` for others)."""
+    _check(name)
+    return VARIANTS[name][1] if name in VARIANTS else None
 
 
 def load_task(
@@ -37,7 +68,7 @@ def load_task(
     """Load the samples of a built-in task.
 
     Args:
-        name: ``"easy-vqa"`` or ``"tones-aqa"``.
+        name: A name of :data:`TASKS` (a variant loads its base task's samples).
         split: ``"train"`` or ``"test"``.
         seed: Subsampling seed (easy-vqa) or generator seed (tones-aqa).
         max_samples: Cap on the number of samples; ``None`` = whole split.
@@ -48,7 +79,7 @@ def load_task(
         A sequence of samples (easy-vqa: a list; tones-aqa and tones-shapes: a ``torch``
         Dataset whose samples are synthesized on access). All support ``len`` and indexing.
     """
-    _check(name)
+    name = base_task(name)
     if name == "easy-vqa":
         return easy_vqa.load_easy_vqa(split, seed, max_samples, question_types, **kwargs)
     if name == "tones-shapes":
@@ -66,18 +97,17 @@ def task_texts(name: str) -> Iterator[str]:
     Use them to train the tiny tokenizer and to pretrain a tiny language model.
 
     Args:
-        name: Task name, or ``"all"`` for the :data:`PRETRAIN_TASKS` (the texts the tiny
+        name: Task name, or ``"all"`` for the :data:`TEXT_TASKS` (the texts the tiny
             tokenizer is trained on, so cached pretrained parts stay valid).
 
     Yields:
         Question and answer strings.
     """
     if name == "all":
-        for task in PRETRAIN_TASKS:
+        for task in TEXT_TASKS:
             yield from task_texts(task)
         return
-    _check(name)
-    yield from _MODULES[name].texts()
+    yield from _MODULES[base_task(name)].texts()
 
 
 def task_answers(name: str) -> list[str]:
@@ -89,7 +119,7 @@ def task_answers(name: str) -> list[str]:
     Returns:
         Sorted possible answers.
     """
-    _check(name)
+    name = base_task(name)
     if name == "easy-vqa":
         return sorted(easy_vqa.answers())
     if name == "tones-shapes":
@@ -106,16 +136,19 @@ def task_question_types(name: str) -> tuple[str, ...]:
     Returns:
         The task's question types in a fixed order.
     """
-    _check(name)
-    return tuple(_MODULES[name].QUESTION_TYPES)
+    return tuple(_MODULES[base_task(name)].QUESTION_TYPES)
 
 
 __all__ = [
     "MODALITY",
     "PRETRAIN_TASKS",
     "TASKS",
+    "TEXT_TASKS",
+    "VARIANTS",
+    "base_task",
     "load_task",
     "task_answers",
     "task_question_types",
     "task_texts",
+    "withheld_feature",
 ]
