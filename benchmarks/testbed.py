@@ -262,6 +262,11 @@ def read_run(d: Path) -> dict[str, Any]:
         "ms_per_step": summary.get("ms_per_step"),
         "factors": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("factor/")},
         "eval_curve": [[e["step"], e.get("accuracy")] for e in evals],
+        "factor_curve": {
+            k.split("/", 1)[1]: _thin([[r["step"], r[k]] for r in recs if k in r], 60)
+            for k in sorted({k for r in recs for k in r if k.startswith("factor/")})
+        },
+        "steps_at_bound": summary.get("steps_at_bound", {}),
         "ce_curve": _thin([[r["step"], r["ce"]] for r in recs], 100),
     }
 
@@ -357,6 +362,46 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path
     return paths
 
 
+def plot_factors(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS) -> list[Path]:
+    """Per cell: each steering rule's encoder-side factors over the run (seed 0), per ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    steer = [r for r in rows if r.get("factor_curve") and r["strategy"] not in ("constant",)]
+    steer = [r for r in steer if r["strategy"] not in (*ts.BASELINES, TEXT_ONLY)]
+    for task, regime in sorted({(r["task"], r["regime"]) for r in steer}):
+        rs = [r for r in steer if (r["task"], r["regime"]) == (task, regime) and r["seed"] == 0]
+        strategies = sorted({r["strategy"] for r in rs})
+        if not strategies:
+            continue
+        fig, axes = plt.subplots(1, len(strategies), figsize=(5 * len(strategies), 3.6))
+        axes = [axes] if len(strategies) == 1 else list(axes)
+        for ax, s in zip(axes, strategies):
+            for i, r in enumerate(sorted((r for r in rs if r["strategy"] == s), key=_ratio)):
+                for c, curve in r["factor_curve"].items():
+                    if c == "llm" or not curve:
+                        continue
+                    steps, f = zip(*curve)
+                    eff = [r["ratio"] * x for x in f]  # the effective ratio eta_c / eta_llm
+                    ax.plot(steps, eff, color=f"C{i}", label=f"set {r['ratio']:g} ({c})")
+            ax.set(yscale="log", xlabel="step", ylabel="effective eta_c / eta_llm", title=s)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{task}, regime {regime}: where each rule takes the rate (seed 0)")
+        fig.tight_layout()
+        path = out / f"testbed-{tag}_{task}-{regime}_factors.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _ratio(r: dict[str, Any]) -> float:
+    return r["ratio"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (see the module docstring)."""
     args = _parse(argv)
@@ -391,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = ts.markdown(summary, grid, wall, rows)
     (out / f"testbed-{tag}.md").write_text(table)
     plot(rows, tag, out)
+    plot_factors(rows, tag, out)
     if args.headline:
         section = None if grid.parts == "tiny" else grid.parts
         print(f"wrote {ts.write_headline(ts.headline(summary, RECOMMENDED), section)}")

@@ -142,9 +142,9 @@ def test_efficiency_controller_moves_rate_towards_the_more_efficient_component()
     assert ctl.efficiency()["llm"] == pytest.approx(1.0, rel=1e-6)
 
 
-def test_efficiency_controller_cuts_an_inefficient_component_and_respects_caps():
+def test_efficiency_controller_cuts_an_inefficient_component_past_a_raise_cap():
     ctl = EfficiencyController(
-        ["encoder", "llm"], "llm", gamma=0.05, horizon=20, factor_caps={"encoder": 4.0}
+        ["encoder", "llm"], "llm", gamma=0.05, horizon=20, max_cut=50, factor_caps={"encoder": 4.0}
     )
     g = torch.Generator().manual_seed(1)
     for t in range(300):
@@ -155,7 +155,9 @@ def test_efficiency_controller_cuts_an_inefficient_component_and_respects_caps()
             ),
             1,
         )
-    assert ctl.factors["encoder"] == pytest.approx(0.25)  # log f clipped at -log 4
+    # a cap set for raises (CoMMIT's) does not stop the cut: it goes to 1 / max_cut
+    assert ctl.factors["encoder"] == pytest.approx(1 / 50)
+    assert ctl.limits["encoder"] == pytest.approx((-math.log(50), math.log(4.0)))
 
 
 def test_efficiency_controller_holds_still_within_noise():

@@ -200,6 +200,7 @@ class CoMMIT:
                 cut_gain=cfg.linesearch_cut_gain,
                 max_cut=cfg.linesearch_max_cut,
                 max_raise=cfg.linesearch_max_raise,
+                factor_caps=dict(cfg.factor_caps),
             )
             self.paths = PathSnapshot(components, controller.steered, cfg.offload)
         elif cfg.strategy == "progress":

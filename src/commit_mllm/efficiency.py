@@ -20,8 +20,8 @@ Rule, per estimate (K = steps since the previous estimate):
 
 (dividing by S makes every estimate count alike: step sizes span orders of magnitude over
 a run, and raw sums would be the efficiency of the few largest steps); then each log f_c is
-clipped to [-log m_-, log m_+] (a tighter per-component cap on both
-sides with ``factor_caps``). Without an anchor (``anchor=None``) every component is
+clipped to [-log m_-, log m_+] (``factor_caps`` lowers m_+ per component; it never
+limits a cut). Without an anchor (``anchor=None``) every component is
 steered on its own towards e_c = 1, where the quadratic model says its step size is
 right: z_c = (e_c - 1) / se_c (a per-component hypergradient on log eta_c).
 
@@ -81,7 +81,7 @@ class EfficiencyController:
         confidence: Dead zone z0 of the z-score.
         max_cut: m_-; no factor goes below 1/m_-.
         max_raise: m_+; no factor goes above m_+.
-        factor_caps: Tighter cap per component.
+        factor_caps: Tighter ceiling per component (raises only; cuts go to 1 / max_cut).
         min_estimates: No efficiency-driven adjustment before this many estimates.
         guard: Cut at once a component whose step moved the output more than ``guard``
             times the anchor's while its smoothed efficiency is below the anchor's, by
@@ -111,12 +111,10 @@ class EfficiencyController:
         self.gamma, self.cut_gain = gamma, cut_gain
         self.horizon, self.confidence = horizon, confidence
         self.min_estimates, self.guard = min_estimates, guard
+        # A factor cap limits raises only: a cap set for a kappa-driven strategy's raises
+        # must not stop this rule from cutting a rate set far too high.
         self.limits = {
-            c: (
-                -math.log(min(max_cut, caps.get(c, max_cut))),
-                math.log(min(max_raise, caps.get(c, max_raise))),
-            )
-            for c in names
+            c: (-math.log(max_cut), math.log(min(max_raise, caps.get(c, max_raise)))) for c in names
         }
         self.log_f = {c: 0.0 for c in self.names}
         self.moments = {c: dict.fromkeys(_MOMENTS, 0.0) for c in self.names}

@@ -223,6 +223,7 @@ class LineSearchController:
         cut_gain: g_-, the same for cuts.
         max_cut: m_-; no factor goes below 1 / m_-.
         max_raise: m_+; no factor goes above m_+.
+        factor_caps: A lower ceiling m_+ per component (never a limit on cuts).
     """
 
     names: list[str]
@@ -231,6 +232,7 @@ class LineSearchController:
     cut_gain: float = 0.6
     max_cut: float = 100.0
     max_raise: float = 100.0
+    factor_caps: dict[str, float] = field(default_factory=dict)
     log_f: dict[str, float] = field(default_factory=dict)
     at_bound: dict[str, str] = field(default_factory=dict)
     estimates: int = 0
@@ -269,8 +271,9 @@ class LineSearchController:
         self.estimates += 1
         if not adjusting:
             return
-        lo, hi = -math.log(self.max_cut), math.log(self.max_raise)
+        lo = -math.log(self.max_cut)
         for c, alpha in m.best_alpha.items():
+            hi = math.log(min(self.max_raise, self.factor_caps.get(c, self.max_raise)))
             move = math.log(alpha) * (self.cut_gain if alpha < 1 else self.gain)
             wanted = self.log_f[c] + move
             self.log_f[c] = min(max(wanted, lo), hi)

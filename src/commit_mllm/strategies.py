@@ -101,7 +101,9 @@ class CoMMITConfig:
         control: ``integral`` or ``proportional`` for the CoMMIT strategies.
         gamma: [gamma] controller gain.
         max_factor: [m] factors stay in [1/m, m].
-        factor_caps: Tighter cap per component.
+        factor_caps: Tighter cap per component: both ways for the kappa-driven ``commit`` /
+            ``commit_clr`` ([1/cap, cap]); a ceiling on raises only for ``progress`` and
+            ``line_search`` (their cuts go to 1 / their ``max_cut``).
         hold_steps: Steps without adjustment after warmup starts (fresh projector fitting).
         alpha: [alpha] regularizer strength; None = 0.1 for ``commit``, 0 otherwise.
         tau: [tau] imbalance at which the regularizer weight saturates.

@@ -76,7 +76,7 @@ def train(
     s = session or setup(cfg, resume, log)
     acc, commit, opt, t = s.accelerator, s.commit, s.optimizer, cfg.train
     bar = s.progress_bar()
-    start = time.perf_counter()
+    start, bounds_said = time.perf_counter(), set()
     for step in s.steps():  # SIGTERM / SIGINT: stop after a step, with its checkpoint
         # ---- forward -> loss -> backward, per micro-batch --------------------------------
         ce_sum = aux_sum = 0.0
@@ -116,6 +116,7 @@ def train(
         record["total_loss"] = ce_mean + aux_mean
         record["grad_norm"] = None if total_norm is None else float(total_norm)
         record.update(report.as_log())
+        _say_bounds(report.at_bound, bounds_said, step, acc.is_main_process)
         if step % t.log_every == 0 or step == t.steps - 1:
             s.logger.log_step(record)
         bar.update(1)
@@ -129,6 +130,21 @@ def train(
     final_eval = s.final_evaluation()
     s.save(t.steps)
     return s.finish(final_eval, time.perf_counter() - start)
+
+
+def _say_bounds(at_bound: dict[str, str], said: set, step: int, main: bool) -> None:
+    """Say once per component and side that the rule wanted its factor past a bound."""
+    for c, side in at_bound.items():
+        if (c, side) not in said and main:
+            logger.warning(
+                "step %d: the rule held %s's factor at its %s (it wanted to go further); "
+                "widen commit.linesearch_max_%s if that is not what you want",
+                step,
+                c,
+                side,
+                "cut" if side == "floor" else "raise",
+            )
+        said.add((c, side))
 
 
 def _token_weight(acc: Any, tokens: int, ce: torch.Tensor, aux: torch.Tensor) -> tuple:
@@ -570,6 +586,10 @@ def summarize(
         "final_kappa_bar": last.get("kappa_bar"),
         "final_state": last.get("state"),
         "state_shares": state_shares([r["state"] for r in recs if r.get("state")]),
+        "steps_at_bound": {  # share of logged steps a rule held a factor at its bound
+            k.split("/", 1)[1]: sum(1 for r in recs if r.get(k)) / len(recs)
+            for k in sorted({k for r in recs for k in r if k.startswith("at_bound/")})
+        },
         "seconds": seconds,
         "ms_per_step": 1000 * seconds / max(1, cfg.train.steps - start_step),
         "run_dir": str(run_dir),
