@@ -955,7 +955,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=2, help="closed-loop processes")
     p.add_argument("--closed-loop-set", action="append", default=[], help="KEY=VALUE override")
     p.add_argument("--closed-loop-tag", default=None, help="name of a closed-loop variant")
+    p.add_argument("--zero3", action="store_true", help="the ZeRO-3 cost only (2 processes)")
+    p.add_argument("--zero3-steps", type=int, default=32, help="timed steps per launch")
     return p.parse_args(argv)
+
+
+def run_zero3(a: argparse.Namespace) -> int:
+    """``--zero3``: a default estimate against a plain ZeRO-3 step (see overhead_zero3)."""
+    import overhead_zero3 as zero3
+
+    modes = tuple(a.modes.split(",")) if a.modes else MODES
+    rounds = a.rounds or 2
+    t0 = time.time()
+    results = zero3.run(modes, rounds, 16, a.zero3_steps, ROOT / "runs" / "overhead-zero3")
+    results["meta"] = machine_info(1) | {"load_end": loadavg(), "wall_s": time.time() - t0}
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "overhead_zero3.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    source = {"file": "benchmarks/results/overhead_zero3.json", "date": results["meta"]["date"],
+              "load_end": results["meta"]["load_end"]}  # fmt: skip
+    zero3.merge_headline(a.out / "headline.json", results, source)
+    for mode, s in results["modes"].items():
+        print(
+            f"zero3 {mode}: estimate step x{s['estimate_step_ratio_median']:.3f}, amortized "
+            f"x{s['time_ratio_paired_median']:.3f}, peak memory x{s['memory_ratio']:.3f}"
+        )
+    print(f"wrote {path}")
+    return 0
 
 
 def options_from_args(a: argparse.Namespace) -> Options:
@@ -981,6 +1007,8 @@ def closed_loop_files(out: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or the closed loop) and write its results."""
     a = parse_args(argv)
+    if a.zero3:
+        return run_zero3(a)
     if a.closed_loop:
         tag = f"-{a.closed_loop_tag}" if a.closed_loop_tag else ""
         seeds = tuple(int(s) for s in a.seeds.split(","))

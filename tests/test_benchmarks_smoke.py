@@ -96,3 +96,24 @@ def test_gpu_step_needs_cuda(monkeypatch, capsys):
     monkeypatch.setattr(gpu_step.torch.cuda, "is_available", lambda: False)
     assert gpu_step.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_zero3_summary_pairs_each_default_launch_with_the_plain_ones_around_it():
+    import overhead_zero3
+
+    def run(arm, times, estimate, peak):
+        return {"arm": arm, "times": times, "estimate_times": estimate, "peak_bytes": peak}
+
+    runs = [
+        run("plain", [1.0, 1.0], [1.0], 100.0),
+        run("default", [1.2, 1.2], [3.0], 110.0),
+        run("plain", [1.0, 1.4], [1.0], 104.0),
+        run("default", [1.5, 1.5], [2.4], 112.0),
+        run("plain", [1.2, 1.2], [1.2], 102.0),
+    ]
+    s = overhead_zero3.summarize(runs)
+    # plain means 1.0, 1.2, 1.2: the first default over (1.0 + 1.2) / 2, the second over 1.2
+    assert s["time_ratios"] == pytest.approx([1.2 / 1.1, 1.5 / 1.2])
+    assert s["time_ratio_paired_median"] == pytest.approx((1.2 / 1.1 + 1.5 / 1.2) / 2)
+    assert s["estimate_step_ratio_median"] == pytest.approx((3.0 / 1.1 + 2.4 / 1.2) / 2)
+    assert s["memory_ratio"] == pytest.approx(111.0 / 102.0)  # medians of the peaks

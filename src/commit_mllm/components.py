@@ -74,8 +74,8 @@ class Component:
 
     @property
     def numel(self) -> int:
-        """Number of trainable scalars."""
-        return sum(p.numel() for p in self.params)
+        """Number of trainable scalars (full sizes also when ZeRO-3 partitioned them)."""
+        return sum(getattr(p, "ds_numel", None) or p.numel() for p in self.params)
 
     @property
     def frozen(self) -> bool:

@@ -9,7 +9,8 @@
 * :mod:`.callback`: :class:`CoMMITCallback` (the step, the metrics, the balance state).
 * :mod:`.mixin`: :class:`CoMMITTrainerMixin` / :class:`CoMMITTrainer` for
   ``transformers.Trainer`` and ``trl.SFTTrainer`` (optimizer, forward, logs, start checks).
-* :mod:`.deepspeed`: DeepSpeed ZeRO stage 0-2 hooks and refusals.
+* :mod:`.deepspeed`: DeepSpeed hooks (every ZeRO stage) and refusals.
+* :mod:`.zero3`: the balance meter on ZeRO-3 partitioned parameters.
 * :mod:`.settings_doc`: the ``CoMMITConfig`` settings table of docs/integrations.md.
 
 Needs the ``hf`` extra (transformers, peft, accelerate; trl for SFTTrainer).

@@ -47,6 +47,7 @@ from ..coordinator import CoMMIT, StepReport
 from ..strategies import CoMMITConfig
 from .adapters import make_adapter, supervised_forward
 from .deepspeed import ComponentGroups, EngineStepHook, deepspeed_config, zero_grad_norms
+from .zero3 import install_zero3, zero3_grad_norms
 
 __all__ = ["STATE_FILE", "CoMMITCallback", "TrainerSetupError", "state_code"]
 
@@ -117,6 +118,7 @@ class CoMMITCallback(TrainerCallback):
         self.group_params: list[list[nn.Parameter]] | None = None
         self._hook: EngineStepHook | None = None
         self._reduce: Any = None
+        self._zero3 = False
 
     # ---- set-up ---------------------------------------------------------------------------
     def bind(self, trainer: Any) -> None:
@@ -148,7 +150,12 @@ class CoMMITCallback(TrainerCallback):
             deepspeed_engine: The DeepSpeed engine, when there is one: the pre-step work
                 then runs in a hook on its ``step`` (see :mod:`.deepspeed`).
         """
+        self._zero3 = (
+            deepspeed_engine is not None and deepspeed_engine.zero_optimization_stage() >= 3
+        )
         adapter = make_adapter(model) if self.adapter_choice == "auto" else self.adapter_choice
+        if self._zero3:  # the model's own forward, so the engine's hooks gather what it reads
+            adapter = None
         self.model, self._reduce = model, all_reduce
         view = optimizer
         if deepspeed_engine is not None:
@@ -172,6 +179,8 @@ class CoMMITCallback(TrainerCallback):
         )
         if deepspeed_engine is not None:
             self._hook = EngineStepHook(deepspeed_engine, self._before_engine_step)
+        if self._zero3:
+            install_zero3(self.commit, deepspeed_engine, all_reduce)
         self.latest, self._estimate = {}, {}
         how = "cached encoder" if adapter is not None else "full forward per branch"
         logger.info("CoMMIT %s (%s)\n%s", self.config.strategy, how, self.components.table())
@@ -263,7 +272,8 @@ class CoMMITCallback(TrainerCallback):
     def _before_engine_step(self) -> None:
         """DeepSpeed: gradient norms from the engine's buffers, then snapshot theta_t."""
         commit = self._engine()
-        commit.after_backward(zero_grad_norms(self.components, self._reduce))
+        norms = zero3_grad_norms if self._zero3 else zero_grad_norms
+        commit.after_backward(norms(self.components, self._reduce))
         commit.before_step()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

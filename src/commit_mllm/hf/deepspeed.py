@@ -16,7 +16,9 @@ What each ZeRO stage means for the measurement:
   every rank gets the kappa of the global batch. Stage 1/2 keep each rank's share of the
   gradient as fp32 fragments; the per-component gradient norms sum their squares over
   ranks (:func:`zero_grad_norms`).
-* stage 3 partitions the parameters themselves: refused at start (:func:`check_deepspeed`).
+* stage 3 partitions the parameters themselves: theta_t is kept as each rank's partition
+  and every lookahead is a forward that gathers through the engine's hooks (:mod:`.zero3`);
+  exact as well. Parameter offload to NVMe is refused (:func:`check_deepspeed`).
 
 Strategies that edit gradients between backward and the update (``feature_cd``,
 ``language_cd``, ``ogm_ge``, ``lagging_only``) are refused under DeepSpeed: the engine owns
@@ -80,13 +82,15 @@ def check_deepspeed(config: dict, commit: CoMMITConfig) -> None:
         commit: The method's settings.
 
     Raises:
-        DeepSpeedSetupError: ZeRO stage 3; an ``optimizer`` or ``scheduler`` section; a
-            strategy or setting that edits gradients between backward and the update.
+        DeepSpeedSetupError: ZeRO-3 parameters offloaded to NVMe; an ``optimizer`` or
+            ``scheduler`` section; a strategy or setting that edits gradients between
+            backward and the update.
     """
-    if zero_stage(config) >= 3:
+    offload = ((config.get("zero_optimization") or {}).get("offload_param") or {}).get("device")
+    if zero_stage(config) >= 3 and offload == "nvme":
         raise DeepSpeedSetupError(
-            "CoMMIT cannot run under DeepSpeed ZeRO-3: it partitions the parameters the kappa "
-            "lookahead reads; use ZeRO stage 2 (zero_optimization.stage: 2), 1 or 0, or DDP"
+            "CoMMIT under ZeRO-3 reads and writes the parameter partitions in memory: set "
+            "zero_optimization.offload_param.device to 'cpu' or 'none' (not 'nvme')"
         )
     for section in ("optimizer", "scheduler"):
         if section in config:

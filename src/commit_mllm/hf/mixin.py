@@ -13,9 +13,9 @@ among its callbacks. It owns what a callback cannot reach:
   the reporting callbacks (TensorBoard, W&B, ...), so the order of the callbacks does not
   matter; the logged ``learning_rate`` is ``TrainingArguments.learning_rate`` through the
   Trainer's schedule (the applied rates are ``lr/<component>``);
-* the start-up checks: a setting under which kappa would be wrong (DeepSpeed ZeRO-3, FSDP,
-  a DeepSpeed optimizer or scheduler section, ...) fails before the first step with one line
-  that says what works.
+* the start-up checks: a setting under which kappa would be wrong (FSDP, a gradient-editing
+  strategy under DeepSpeed, a DeepSpeed optimizer or scheduler section, ...) fails before
+  the first step with one line that says what works.
 """
 
 from __future__ import annotations

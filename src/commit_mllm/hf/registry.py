@@ -243,7 +243,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"):
             model = model.module
         else:
             break
