@@ -62,8 +62,9 @@ MUST_LEARN = frozenset({"vision-ml", "audio-ml"})
 STRATEGIES = ("constant", "commit_clr", "commit", "progress", "feature_cd", "language_cd", "ogm_ge")
 RECOMMENDED = "progress"
 TEXT_ONLY = ts.TEXT_ONLY
-BASELINE_REGIMES = {"frozen": "ABC", "llava-ov": "BC", "ldog": "ABC"}
-"""Where each recipe differs from the grid's own runs (regime A's tower is frozen anyway)."""
+BASELINE_REGIMES = {"frozen": "BC", "llava-ov": "BC", "ldog": "ABC"}
+"""Where each recipe is run. Regime A's tower is frozen anyway: there ``llava-ov`` is the same
+recipe as ``frozen``, and ``frozen`` is constant's run at ratio 1 (:func:`frozen_in_a`)."""
 
 
 @dataclass
@@ -282,6 +283,33 @@ def _thin(points: list, n: int) -> list:
     ]
 
 
+def merge_rows(rows: list[dict[str, Any]], earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` plus the runs of ``earlier`` that are not in it (same cell, rule, ratio, seed)."""
+    key = ("task", "regime", "strategy", "ratio", "seed")
+    have = {tuple(r[k] for k in key) for r in rows}
+    extra = [
+        {**r, "reused": True}
+        for r in earlier
+        if tuple(r[k] for k in key) not in have and not r.get("alias_of")
+    ]
+    return rows + extra
+
+
+def frozen_in_a(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Regime A's ``frozen`` recipe: constant's runs at ratio 1 (the same settings, not rerun)."""
+    have = {
+        (r["task"], r["seed"]) for r in rows if r["regime"] == "A" and r["strategy"] == "frozen"
+    }
+    return [
+        {**r, "strategy": "frozen", "alias_of": "constant r=1"}
+        for r in rows
+        if r["regime"] == "A"
+        and r["strategy"] == "constant"
+        and r["ratio"] == 1.0
+        and (r["task"], r["seed"]) not in have
+    ]
+
+
 def run_grid(grid: Grid, root: Path, n_jobs: int, log=print) -> list[dict[str, Any]]:
     """Run (or reuse) every job, ``n_jobs`` processes at a time; one record per run."""
     todo = jobs(grid, root)
@@ -423,6 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run_grid(grid, root, args.jobs)
     wall = time.perf_counter() - t0
+    for path in args.extend:  # an earlier grid's runs, summarized with this one's
+        rows = merge_rows(rows, json.loads(Path(path).read_text())["runs"])
+    if "frozen" in grid.baselines:
+        rows += frozen_in_a(rows)
     summary = ts.summarize(rows, MUST_LEARN)
     result = {
         "grid": {**grid.__dict__},
@@ -468,6 +500,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--headline", action="store_true", help="write payoff to headline.json")
     p.add_argument("--results", default=str(RESULTS), help="folder of the results files")
     p.add_argument("--docs", help="a Markdown file whose testbed:TAG block gets the tables")
+    p.add_argument(
+        "--extend",
+        action="append",
+        default=[],
+        help="a results JSON of an earlier grid whose runs join this one's summary",
+    )
     return p.parse_args(argv)
 
 

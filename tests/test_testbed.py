@@ -74,10 +74,28 @@ def test_each_recipe_runs_once_per_seed_with_its_own_settings(tmp_path, name):
         assert args["train.optimizer"] == "ldog" and float(args["train.llm_lr"]) == 1.0
 
 
-def test_llava_ov_is_not_run_where_the_tower_is_frozen_anyway(tmp_path):
+def test_regime_a_reads_frozen_off_constant_at_ratio_one_and_runs_no_llava_ov(tmp_path):
     grid = testbed.Grid(regimes=("A",), tasks=("vision",), seeds=(0,))
     names = {j["strategy"] for j in testbed.jobs(grid, tmp_path)}
-    assert "llava-ov" not in names and {"frozen", "ldog", testbed.TEXT_ONLY} <= names
+    assert not {"llava-ov", "frozen"} & names and {"ldog", testbed.TEXT_ONLY} <= names
+    rows = [{**_row("constant", r, 0, 0.7 + r / 100), "regime": "A"} for r in (0.1, 1.0, 10.0)]
+    alias = testbed.frozen_in_a(rows)
+    assert len(alias) == 1 and alias[0]["strategy"] == "frozen"
+    assert alias[0]["accuracy"] == pytest.approx(0.71) and alias[0]["alias_of"] == "constant r=1"
+    assert testbed.frozen_in_a([*rows, *alias]) == []  # never twice
+
+
+def test_an_earlier_grids_runs_join_without_duplicates():
+    new = [_row("frozen", 1.0, 0, 0.7), _row("constant", 1.0, 0, 0.8)]
+    old = [_row("constant", 1.0, 0, 0.1), _row("constant", 10.0, 0, 0.6)]
+    old.append({**_row("frozen", 1.0, 1, 0.5), "alias_of": "constant r=1"})
+    merged = testbed.merge_rows(new, old)
+    assert [(r["strategy"], r["ratio"], r["accuracy"]) for r in merged] == [
+        ("frozen", 1.0, 0.7),
+        ("constant", 1.0, 0.8),  # this grid's run wins
+        ("constant", 10.0, 0.6),
+    ]
+    assert merged[-1]["reused"] is True
 
 
 def test_the_default_ratio_axis_spans_four_decades():
@@ -214,7 +232,7 @@ def test_markdown_headline_and_docs_block(tmp_path, monkeypatch):
 def test_a_tiny_grid_runs_end_to_end_and_reuses_its_runs(tmp_path):
     argv = [
         "--regimes", "A", "--tasks", "vision", "--strategies", "constant,progress",
-        "--ratios", "10", "--seeds", "0", "--steps", "8", "--jobs", "2", "--baselines", "frozen",
+        "--ratios", "1", "--seeds", "0", "--steps", "8", "--jobs", "2", "--baselines", "frozen",
         "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res"), "--tag", "t",
     ]  # fmt: skip
     assert testbed.main(argv) == 0
