@@ -397,6 +397,9 @@ def test_zero3_accepted_and_nvme_offload_refused():
     nvme = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}
     with pytest.raises(DeepSpeedSetupError, match=r"offload_param.device to 'cpu' or 'none'"):
         check_deepspeed({"zero_optimization": nvme}, CoMMITConfig())
+    with pytest.raises(DeepSpeedSetupError, match=r"'line_search' .* use ZeRO-2 or DDP for it"):
+        check_deepspeed(ZERO3_CONFIG, CoMMITConfig(strategy="line_search"))
+    check_deepspeed({"zero_optimization": {"stage": 2}}, CoMMITConfig(strategy="line_search"))
 
 
 def test_zero3_refuses_strategies_that_edit_gradients(deepspeed, tmp_path):

@@ -106,6 +106,12 @@ def check_deepspeed(config: dict, commit: CoMMITConfig) -> None:
             "inside its engine: use DDP for it, or commit / commit_clr / constant / replay "
             "under DeepSpeed"
         )
+    if commit.strategy == "line_search" and zero_stage(config) >= 3:
+        raise DeepSpeedSetupError(
+            "strategy 'line_search' keeps and moves whole parameters along their path, which "
+            "ZeRO-3 partitions: use ZeRO-2 or DDP for it, or progress / commit / constant "
+            "under ZeRO-3"
+        )
 
 
 class _GroupView(MutableMapping):
