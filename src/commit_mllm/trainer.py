@@ -410,6 +410,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     """
     from accelerate import Accelerator
 
+    cfg.validate()  # a config built or changed in code has not been through load_config
     t = cfg.train
     threads, why = resolve_num_threads(t.num_threads)
     if threads is not None:
