@@ -1,6 +1,7 @@
 """Reliability: bad inputs and failures give one clear line; non-finite losses are handled."""
 
 import json
+import shutil
 import wave
 from pathlib import Path
 
@@ -336,3 +337,182 @@ def test_a_new_run_replaces_an_earlier_run_in_its_folder_and_says_so(tmp_path, c
     # Only this run's checkpoint (the final one): none of the earlier run's is left to resume.
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
+# ---- a failed --resume of a finished run leaves its folder as it found it -------------------
+def _wav_rows(folder: Path, n=4):
+    rows = []
+    for i in range(n):
+        t = np.arange(8000) / 16000
+        _wav(folder / f"c{i}.wav", 0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t))
+        rows.append(
+            {
+                "id": f"a{i}",
+                "audio": f"c{i}.wav",
+                "conversations": [
+                    {"from": "human", "value": "<audio>\nHow many tones are there?"},
+                    {"from": "gpt", "value": "two"},
+                ],
+            }
+        )
+    return rows
+
+
+def _run_args(root: Path, audio: bool, *extra: str) -> list[str]:
+    modality = ["model.mllm.audio.freeze=false"] if audio else []
+    return [
+        "train",
+        "--config",
+        TINY,
+        f"run.output_dir={root / 'run'}",
+        "data.task=null",
+        f"data.train_file={root / 'train.json'}",
+        "train.batch_size=6" if not audio else "train.batch_size=4",
+        "train.save_every=0",
+        "run.progress=false",
+        "run.tensorboard=true",
+        *modality,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """A finished 2-step run on image rows and one on audio clips (with TensorBoard)."""
+    runs = {}
+    for audio in (False, True):
+        root = tmp_path_factory.mktemp("audio" if audio else "image")
+        rows = _wav_rows(root) if audio else _rows(root)
+        _write(root, rows)
+        assert main(_run_args(root, audio, "train.steps=2")) == 0
+        runs[audio] = root
+    return runs
+
+
+def _folder(run: Path) -> dict:
+    """Every file's bytes, TensorBoard's as its scalars (tag, step, value)."""
+    from test_resume import _tb_scalars
+
+    files = {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and "tb" not in p.relative_to(run).parts
+    }
+    return {"files": files, "tb": _tb_scalars(run)}
+
+
+def _long_prompt(root):
+    rows = _rows(root)
+    rows[0]["conversations"][0]["value"] = "<image>\n" + "what is this shape " * 40
+    _write(root, rows)
+
+
+def _text_as_jpeg(root):
+    (root / "photo.jpg").write_text("this is not a picture\n")
+    _write(root, _rows(root, r1={"image": "photo.jpg"}))
+
+
+def _without(field):
+    def apply(root):
+        rows = _rows(root)
+        del rows[4][field]
+        _write(root, rows)
+
+    return apply
+
+
+def _empty_answer(root):
+    rows = _rows(root)
+    rows[1]["conversations"][1]["value"] = "  "
+    _write(root, rows)
+
+
+def _truncated_wav(root):
+    data = (root / "c1.wav").read_bytes()
+    (root / "c1.wav").write_bytes(data[:30])
+
+
+def _header_only_wav(root):
+    _wav(root / "c2.wav", [])
+
+
+AT_RESUME = {
+    # case: (audio, change to the inputs, overrides, exit code, part of the one-line error)
+    "corrupt-png": (
+        False,
+        lambda r: (r / "img2.png").write_bytes(b"\x89PNG not really"),
+        [],
+        2,
+        "train sample 2 (id r2):",
+    ),
+    "jpeg-that-is-text": (False, _text_as_jpeg, [], 2, "photo.jpg"),
+    "prompt-longer-than-max-length": (
+        False,
+        _long_prompt,
+        ["data.max_length=32"],
+        2,
+        "max_length=32 cuts every answer",
+    ),
+    "truncated-wav": (True, _truncated_wav, [], 2, "c1.wav"),
+    "header-only-wav": (True, _header_only_wav, [], 2, "c2.wav: the clip is empty"),
+    "missing-image": (
+        False,
+        lambda r: _write(r, _rows(r, r3={"image": "nope.png"})),
+        [],
+        2,
+        "row 3: image file 'nope.png' not found",
+    ),
+    "json-syntax-error": (
+        False,
+        lambda r: (r / "train.json").write_text('[\n {"id": "a",\n  "image": "x" "c": []}\n]'),
+        [],
+        2,
+        "invalid JSON at line 3",
+    ),
+    "row-missing-a-field": (False, _without("conversations"), [], 2, "missing field"),
+    "empty-answer": (False, _empty_answer, [], 2, "turn 1 is an empty answer"),
+    "unknown-key": (False, None, ["commit.gama=0.1"], 2, "unknown key 'commit.gama'"),
+    "wrong-type": (False, None, ["train.lr=fast"], 2, "train.lr: expected a number"),
+    "nan-rate": (False, None, ["train.llm_lr=.nan"], 2, "train.llm_lr = nan is invalid"),
+    "nan-clip-norm": (
+        False,
+        None,
+        ["train.max_grad_norm=.nan"],
+        2,
+        "train.max_grad_norm = nan is invalid",
+    ),
+    "nothing-trainable": (
+        False,
+        None,
+        ["train.freeze_encoder=true", "train.freeze_projector=true"],
+        2,
+        "train.freeze_encoder: None -> True",
+    ),
+    "samples-per-step": (False, None, ["train.batch_size=3"], 2, "samples per optimizer step"),
+    "non-finite-abort": (
+        False,
+        None,
+        ["train.lr=1e30", "train.llm_lr=1e30", "train.encoder_lr=1e30", "train.max_bad_steps=2"],
+        1,
+        "non-finite losses or gradients in a row",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AT_RESUME))
+def test_a_failed_resume_of_a_finished_run_changes_nothing_in_its_folder(
+    finished_runs, tmp_path, capsys, case
+):
+    audio, change, overrides, code, message = AT_RESUME[case]
+    root = tmp_path / "root"
+    shutil.copytree(finished_runs[audio], root)
+    before = _folder(root / "run")
+    assert "summary.json" in before["files"] and before["tb"]
+    if change is not None:
+        change(root)
+    capsys.readouterr()
+    args = _run_args(root, audio, "train.steps=6", *overrides, "--resume")
+    assert main(args) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("commit-mllm train: ") and message in err[-1], err[-1]
+    assert _folder(root / "run") == before

@@ -40,7 +40,7 @@ from .diagnostics import state_shares
 from .errors import NonFiniteError, Preempted
 from .evaluation import evaluate
 from .resume import find_checkpoint, restore
-from .tracking import RunLogger, read_jsonl, start_over, write_atomic
+from .tracking import RunLogger, read_jsonl, rewind, start_over, write_atomic
 
 __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
 
@@ -74,6 +74,13 @@ def train(
         ValueError: A config that cannot resume the checkpoint, bad data (one line each).
     """
     s = session or setup(cfg, resume, log)
+    with s.undone_on_failure():
+        return _train_loop(s)
+
+
+def _train_loop(s: Session) -> dict:
+    """The steps of :func:`train`, then the final evaluation, checkpoint and summary."""
+    cfg = s.cfg
     acc, commit, opt, t = s.accelerator, s.commit, s.optimizer, cfg.train
     bar = s.progress_bar()
     start = time.perf_counter()
@@ -184,7 +191,30 @@ class Session:
     skipped_steps: int = 0
     skipped_samples: int = 0
     saved_step: int | None = None  # the step of the published checkpoint this state equals
+    resumed: bool = False
+    published: bool = False  # this process published a checkpoint
     _peeked: tuple[dict[str, Any], list[dict]] | None = None
+
+    @contextlib.contextmanager
+    def undone_on_failure(self) -> Iterator[None]:
+        """A resumed run that fails before publishing a checkpoint leaves its folder as found.
+
+        The records of the steps it ran are rewound away; ``summary.json`` and
+        ``config.yaml`` are only replaced when a run finishes, and no checkpoint was written,
+        so the folder is the one ``--resume`` found. A run that published a checkpoint keeps
+        the records up to it (the next ``--resume`` continues from there). A stop by signal
+        is not a failure: it publishes a checkpoint.
+        """
+        try:
+            yield
+        except Preempted:
+            raise
+        except Exception:
+            self.logger.close()
+            if self.resumed and not self.published and self.accelerator.is_main_process:
+                micro = self.start_step * self.cfg.train.grad_accum
+                rewind(self.run_dir, self.start_step, micro)
+            raise
 
     def steps(self) -> Iterator[int]:
         """Step indices from ``start_step`` on, ending early on SIGTERM / SIGINT.
@@ -386,17 +416,22 @@ class Session:
                 weights=weights,
                 optimizer_state=optim,
             )
-        self.saved_step = step
+        self.saved_step, self.published = step, True
         self.accelerator.wait_for_everyone()
         return final
 
     def finish(self, final_eval: dict | None, seconds: float) -> dict:
-        """Write summary.json and close the logs."""
+        """Write summary.json (and a resumed run's config.yaml), each atomically; close logs.
+
+        A resumed run replaces the finished run's description only now that it has finished.
+        """
         self.logger.close()
         summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
         summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
         fault_point("finish")
         if self.accelerator.is_main_process:
+            if self.resumed:
+                _write_config(self.run_dir, self.cfg)
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
@@ -448,9 +483,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     start = restore(ckpt, state, optimizer, commit, fsdp, say, warn)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume:  # a resumed run writes its config.yaml when it finishes
             start_over(run_dir, warn)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            _write_config(run_dir, cfg)
     run_logger = RunLogger(
         run_dir,
         acc.is_main_process,
@@ -479,6 +514,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     s = Session(
         cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
     )
+    s.resumed = resume
     if state is not None:
         s.bad_in_a_row, s.skipped_steps, s.skipped_samples = (
             int(state.get("counters", {}).get(k, 0))
@@ -487,6 +523,10 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
             s.saved_step = start
     return s
+
+
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _check_trainable(components: Any, strategy: str) -> None:
