@@ -292,6 +292,27 @@ def test_the_non_finite_abort_is_one_line_exit_1_and_debug_shows_the_traceback(
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
+def test_a_dead_run_fails_with_one_line_naming_the_step_and_the_cause(tmp_path, capsys):
+    """Rates of 1e4 saturate the tiny model: every gradient is exactly 0 from step 2 on."""
+    args = ["train", "--config", TINY, f"run.output_dir={tmp_path}", *QUIET, "train.steps=10"]
+    rates = ["train.llm_lr=10000", "train.encoder_lr=10000", "train.max_dead_steps=4"]
+    assert main([*args, *rates]) == 1
+    err = capsys.readouterr().err
+    loss = read_jsonl(tmp_path / "metrics.jsonl")[-1]["loss"]
+    assert err == (
+        "commit-mllm train: error: step 5: 4 steps in a row with every gradient exactly 0 and "
+        f"the loss at {loss:.6g} (train.max_dead_steps = 4): the run has stopped learning. "
+        "Likely cause: learning rates too high (a huge step saturates the model and its "
+        "gradients vanish: lower train.lr, train.*_lr) or nothing left to train (every "
+        "component frozen or at rate 0); fix it and start again\n"
+    )
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["grad_norm"] for r in recs][2:] == [0.0] * 4 and recs[-1]["step"] == 5
+    assert not (tmp_path / "summary.json").exists()
+    # Off with 0; the same rates then run to the end.
+    assert main([*args, *rates[:2], "train.max_dead_steps=0"]) == 0
+
+
 def test_ctrl_c_before_training_and_an_unexpected_error_are_one_line(tmp_path, capsys, monkeypatch):
     import commit_mllm.trainer as trainer
 
@@ -495,6 +516,13 @@ AT_RESUME = {
         ["train.lr=1e30", "train.llm_lr=1e30", "train.encoder_lr=1e30", "train.max_bad_steps=2"],
         1,
         "non-finite losses or gradients in a row",
+    ),
+    "dead-run": (
+        False,
+        None,
+        ["train.llm_lr=10000", "train.encoder_lr=10000", "train.max_dead_steps=2"],
+        1,
+        "the run has stopped learning",
     ),
 }
 

@@ -216,6 +216,9 @@ class TrainSection:
         log_every: Write a metrics record every L steps.
         max_bad_steps: Non-finite losses or gradients in a row before the run aborts (each
             such step is skipped and counted).
+        max_dead_steps: Steps in a row with every gradient exactly 0 (seen through the
+            clipping norm, so not with ``max_grad_norm`` 0) or a loss unchanged from the
+            step before (to 1e-7 relative) before the run fails as dead (0 = never).
     """
 
     steps: int = 100
@@ -246,6 +249,7 @@ class TrainSection:
     keep_last: int = 2
     log_every: int = 1
     max_bad_steps: int = 5
+    max_dead_steps: int = 20
 
 
 @dataclass
@@ -288,6 +292,7 @@ class RunConfig:
             ("data.max_length", d.max_length >= 8, "an integer >= 8"),
             ("data.on_bad_sample", d.on_bad_sample in ("error", "skip"), "error or skip"),
             ("train.max_bad_steps", t.max_bad_steps >= 1, "an integer >= 1"),
+            ("train.max_dead_steps", t.max_dead_steps >= 0, "an integer >= 0 (0 = never)"),
             (
                 "train.num_threads",
                 t.num_threads == "auto" or (isinstance(t.num_threads, int) and t.num_threads >= 0),

@@ -37,7 +37,7 @@ from .checkpoint import (
 from .config import RunConfig, resolve_num_threads, to_dict
 from .coordinator import CoMMIT
 from .diagnostics import state_shares
-from .errors import NonFiniteError, Preempted
+from .errors import DeadRunError, NonFiniteError, Preempted
 from .evaluation import evaluate
 from .resume import find_checkpoint, restore
 from .tracking import RunLogger, read_jsonl, rewind, start_over, write_atomic
@@ -125,6 +125,7 @@ def _train_loop(s: Session) -> dict:
         record.update(report.as_log())
         if step % t.log_every == 0 or step == t.steps - 1:
             s.logger.log_step(record)
+        s.check_alive(step, ce_mean, total_norm)
         bar.update(1)
         bar.set_postfix(  # kappa_bar: held between the estimates taken every K steps
             loss=f"{ce_mean:.3f}", kappa_bar=_fmt(record.get("kappa_bar")), state=record["state"]
@@ -188,6 +189,8 @@ class Session:
     run_dir: Path
     fsdp: torch.nn.Module | None = None
     bad_in_a_row: int = 0
+    dead_in_a_row: int = 0
+    last_loss: float | None = None
     skipped_steps: int = 0
     skipped_samples: int = 0
     saved_step: int | None = None  # the step of the published checkpoint this state equals
@@ -314,6 +317,33 @@ class Session:
                 last,
             )
 
+    def check_alive(self, step: int, loss: float, grad_norm: torch.Tensor | None) -> None:
+        """Fail a run that stopped learning: no gradient, or the same loss, step after step.
+
+        Raises:
+            DeadRunError: ``train.max_dead_steps`` such steps in a row.
+        """
+        zero = grad_norm is not None and float(grad_norm) == 0.0
+        last, self.last_loss = self.last_loss, loss
+        frozen = last is not None and abs(loss - last) <= 1e-7 * max(abs(loss), 1e-12)
+        self.dead_in_a_row = self.dead_in_a_row + 1 if zero or frozen else 0
+        limit = self.cfg.train.max_dead_steps
+        if not limit or self.dead_in_a_row < limit:
+            return
+        what = " and ".join(
+            w
+            for w, on in (("every gradient exactly 0", zero), (f"the loss at {loss:.6g}", frozen))
+            if on
+        )
+        raise DeadRunError(
+            f"step {step}: {self.dead_in_a_row} steps in a row with {what} "
+            f"(train.max_dead_steps = {limit}): the run has stopped learning. Likely cause: "
+            "learning rates too high (a huge step saturates the model and its gradients "
+            "vanish: lower train.lr, train.*_lr) or nothing left to train (every component "
+            "frozen or at rate 0); fix it and start again",
+            step,
+        )
+
     def end_of_step(self, done: int) -> None:
         """Evaluate, then save, when due after ``done`` optimizer steps.
 
@@ -402,6 +432,8 @@ class Session:
                     "bad_in_a_row": self.bad_in_a_row,
                     "skipped_steps": self.skipped_steps,
                     "skipped_samples": self.skipped_samples,
+                    "dead_in_a_row": self.dead_in_a_row,
+                    "last_loss": self.last_loss,
                 },
                 "config": to_dict(self.cfg),
                 "processes": self.accelerator.num_processes,
@@ -516,10 +548,12 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     )
     s.resumed = resume
     if state is not None:
-        s.bad_in_a_row, s.skipped_steps, s.skipped_samples = (
-            int(state.get("counters", {}).get(k, 0))
-            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples")
+        counters = state.get("counters", {})
+        s.bad_in_a_row, s.skipped_steps, s.skipped_samples, s.dead_in_a_row = (
+            int(counters.get(k, 0))
+            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples", "dead_in_a_row")
         )
+        s.last_loss = counters.get("last_loss")
         if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
             s.saved_step = start
     return s
