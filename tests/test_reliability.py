@@ -211,15 +211,62 @@ def test_too_many_non_finite_losses_abort_and_keep_the_last_checkpoint(tmp_path)
     _nan_after(s.parts.model, set(range(3, 100)))
     with pytest.raises(NonFiniteError) as err:
         train(cfg, session=s)
-    ckpt = tmp_path / "checkpoints" / "step-00000004"  # 3 good steps, then one skipped
+    # 3 good steps, then step 3 skipped: checkpoint 4 is taken inside the streak, so the last
+    # good one is 2, and 4 (the same weights: skipped steps update nothing) is removed.
+    ckpt = tmp_path / "checkpoints" / "step-00000002"
     assert str(err.value) == (
         "step 4: 2 non-finite losses or gradients in a row (train.max_bad_steps = 2); "
         f"aborting. Last good checkpoint: {ckpt}. Lower the learning rates (train.lr, "
-        "train.*_lr) or check the data, then add --resume to continue from step-00000004"
+        "train.*_lr) or check the data, then add --resume to continue from step-00000002"
     )
     assert err.value.step == 4 and err.value.checkpoint == ckpt
-    assert (ckpt / "manifest.json").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_a_non_finite_streak_after_resume_keeps_the_checkpoints_before_it_and_names_the_setting(
+    tmp_path, capsys
+):
+    """Rates of 1e30 given at --resume: the checkpoints taken during the streak (6, 8) do not
+    rotate out 2 and 4 (keep_last = 2), and the abort names 4 and the changed rates."""
+    args = ["train", "--config", TINY, f"run.output_dir={tmp_path}", *QUIET]
+    args += ["train.save_every=2", "train.keep_last=2"]
+    assert main([*args, "train.steps=4"]) == 0
+    rates = ["train.lr=1e30", "train.llm_lr=1e30", "train.encoder_lr=1e30"]
+    resumed = [*args, "train.steps=12", *rates, "train.max_bad_steps=4", "--resume"]
+    assert main(resumed) == 1
+    ckpts = tmp_path / "checkpoints"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "commit-mllm train: error: step 8: 4 non-finite losses or gradients in a row "
+        f"(train.max_bad_steps = 4); aborting. Last good checkpoint: {ckpts / 'step-00000004'}. "
+        "Likely cause: settings changed at --resume from step 4: train.encoder_lr 0.001 -> "
+        "1e+30; train.llm_lr 0.001 -> 1e+30; train.lr 0.001 -> 1e+30; set them back, then add "
+        "--resume to continue from step-00000004"
+    )
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
+    skipped = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "skipped" in r]
+    assert skipped == [5, 6, 7, 8]
+    # With the rates set back, --resume continues from 4 and finishes.
+    assert main([*args, "train.steps=6", "--resume"]) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(6))
+
+
+def test_checkpoints_inside_a_streak_do_not_count_against_keep_last(tmp_path):
+    from commit_mllm.checkpoint import non_finite_streak, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    root = tmp_path / "checkpoints"
+    for step, streak in [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]:
+        save_checkpoint(tmp_path, step, model, opt, {"counters": {"bad_in_a_row": streak}}, 2)
+    assert sorted(p.name for p in root.iterdir()) == [f"step-0000000{i}" for i in range(1, 6)]
+    assert [non_finite_streak(root / f"step-0000000{i}") for i in range(1, 6)] == [0, 0, 1, 2, 3]
+    # A clean 6: the newest clean earlier one (2) stays, and with it the streak after it.
+    save_checkpoint(tmp_path, 6, model, opt, {"counters": {"bad_in_a_row": 0}}, 2)
+    assert sorted(p.name for p in root.iterdir()) == [f"step-0000000{i}" for i in range(2, 7)]
+    # A clean 7: 2 rotates out, and the streak checkpoints older than 6 go with it.
+    save_checkpoint(tmp_path, 7, model, opt, {"counters": {"bad_in_a_row": 0}}, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000007"]
 
 
 def test_loader_errors_are_data_format_errors(tmp_path):
@@ -283,7 +330,8 @@ def test_the_non_finite_abort_is_one_line_exit_1_and_debug_shows_the_traceback(
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
     assert err[-1].startswith("commit-mllm train: error: step 3: 2 non-finite losses or gradients")
-    assert err[-1].endswith("then add --resume to continue from step-00000003")
+    # Checkpoint 3 was taken inside the streak (step 2 skipped): 2 is the last good one.
+    assert err[-1].endswith("then add --resume to continue from step-00000002")
     assert main([*_diverging(tmp_path), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "NonFiniteError" in err

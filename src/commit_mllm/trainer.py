@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .balance import supervised_mask
 from .batches import BatchOrder, MicroBatches
 from .checkpoint import (
     PREFIX,
+    drop_later_checkpoints,
     fault_point,
     latest_checkpoint,
     load_trainable,
@@ -39,7 +40,7 @@ from .coordinator import CoMMIT
 from .diagnostics import state_shares
 from .errors import DeadRunError, NonFiniteError, Preempted
 from .evaluation import evaluate
-from .resume import find_checkpoint, restore
+from .resume import find_checkpoint, restore, suspect_changes
 from .tracking import RunLogger, read_jsonl, rewind, start_over, write_atomic
 
 __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
@@ -196,6 +197,7 @@ class Session:
     saved_step: int | None = None  # the step of the published checkpoint this state equals
     resumed: bool = False
     published: bool = False  # this process published a checkpoint
+    resume_changes: list[str] = field(default_factory=list)
     _peeked: tuple[dict[str, Any], list[dict]] | None = None
 
     @contextlib.contextmanager
@@ -302,20 +304,34 @@ class Session:
         self.skipped_steps += 1
         self.logger.log_step({"step": step, "skipped": "non-finite loss or gradient"})
         limit = self.cfg.train.max_bad_steps
-        if self.bad_in_a_row >= limit:
-            last = latest_checkpoint(self.run_dir)
-            then = (
-                f"add --resume to continue from {last.name}"
-                if last is not None
-                else "start again (no checkpoint was written)"
+        if self.bad_in_a_row < limit:
+            return
+        # Checkpoints taken inside the streak hold the same weights as the one before it
+        # (skipped steps update nothing); removing them makes --resume start from that one.
+        last = latest_checkpoint(self.run_dir, before_streak=True)
+        if self.accelerator.is_main_process:
+            drop_later_checkpoints(self.run_dir, last)
+        then = (
+            f"add --resume to continue from {last.name}"
+            if last is not None
+            else "start again (no checkpoint was written)"
+        )
+        began = step - self.bad_in_a_row + 1
+        if self.resume_changes and began >= self.start_step:
+            changes = "; ".join(self.resume_changes)
+            cause = (
+                f"Likely cause: settings changed at --resume from step {self.start_step}: "
+                f"{changes}; set them back, then {then}"
             )
-            raise NonFiniteError(
-                f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
-                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}. "
-                f"Lower the learning rates (train.lr, train.*_lr) or check the data, then {then}",
-                step,
-                last,
-            )
+        else:
+            cause = "Lower the learning rates (train.lr, train.*_lr) or check the data, then "
+            cause += then
+        raise NonFiniteError(
+            f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
+            f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}. {cause}",
+            step,
+            last,
+        )
 
     def check_alive(self, step: int, loss: float, grad_norm: torch.Tensor | None) -> None:
         """Fail a run that stopped learning: no gradient, or the same loss, step after step.
@@ -547,6 +563,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
     )
     s.resumed = resume
+    s.resume_changes = suspect_changes(state, to_dict(cfg)) if state is not None else []
     if state is not None:
         counters = state.get("counters", {})
         s.bad_in_a_row, s.skipped_steps, s.skipped_samples, s.dead_in_a_row = (
