@@ -592,3 +592,24 @@ def test_a_failed_resume_of_a_finished_run_changes_nothing_in_its_folder(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("commit-mllm train: ") and message in err[-1], err[-1]
     assert _folder(root / "run") == before
+
+
+def test_training_does_not_import_deepspeed(tmp_path):
+    """An optional dependency is imported where it is used: DeepSpeed prints a warning on
+    import ("Setting accelerator to CPU"), so a run that does not use it must not load it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from commit_mllm.cli import main\n"
+        f"rc = main(['train', '--config', {TINY!r}, 'run.output_dir={tmp_path}', "
+        "'run.progress=false', 'run.tensorboard=false', 'train.steps=1'])\n"
+        "assert rc == 0\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert "Setting accelerator" not in out.stderr

@@ -614,7 +614,9 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
     if t.fsdp:
         say("fsdp: one process, nothing to shard; training unwrapped")
     model, optimizer = acc.prepare(parts.model, opt_cls(parts.components.param_groups()))
-    parts.model = acc.unwrap_model(model)
+    # Not acc.unwrap_model: it imports DeepSpeed whenever installed, which prints a warning.
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    parts.model = model.module if ddp else model
     return optimizer, (model if acc.num_processes > 1 else None), None
 
 
