@@ -7,9 +7,13 @@ import pytest
 
 from commit_mllm.cli import main
 from commit_mllm.config import (
+    FLOAT_RANGES,
     ConfigError,
+    RunConfig,
     check_local_files,
     config_notes,
+    float_settings,
+    from_dict,
     load_config,
     load_yaml,
 )
@@ -224,3 +228,51 @@ def test_loaded_configs_hold_plain_python_values(tmp_path):
                 walk(v)
 
     walk(to_dict(load_config(TINY, over)))
+
+
+# ---- every float setting: finite and in its range ------------------------------------------
+def _nested(key: str, value):
+    """A config mapping that sets one dotted key ('*' = a mapping's key: 3 for replay steps)."""
+    parts = key.split(".")
+    parts = [
+        (3 if parts[i - 1] == "replay" else "llm") if p == "*" else p for i, p in enumerate(parts)
+    ]
+    data = value
+    for p in reversed(parts):
+        data = {p: data}
+    model = data.setdefault("model", {})
+    model.setdefault("preset", "tiny-random")  # a model the rest of validate() accepts
+    return data, ".".join(str(p) for p in parts)
+
+
+def _out_of_range(allowed):
+    if allowed.low is not None:
+        return allowed.low - 1.0
+    return allowed.high + 1.0
+
+
+def test_every_float_setting_has_a_range_and_is_checked():
+    """Walks the config dataclasses: a new float field must get a range, and NaN, inf, -inf and
+    a value outside the range are each a one-line error naming the key."""
+    keys = float_settings()
+    assert "train.max_grad_norm" in keys and "commit.replay.*.*" in keys
+    assert sorted(keys) == sorted(FLOAT_RANGES)
+    for key in keys:
+        allowed = FLOAT_RANGES[key]
+        for bad in (math.nan, math.inf, -math.inf, _out_of_range(allowed)):
+            data, concrete = _nested(key, bad)
+            with pytest.raises(ConfigError) as err:
+                from_dict(RunConfig, data).validate()
+            message = str(err.value)
+            assert f"{concrete} = {bad!r} is invalid: use " in message, message
+            assert "\n" not in message
+        data, _ = _nested(key, allowed.low if not allowed.low_open else allowed.low + 0.5)
+        from_dict(RunConfig, data).validate()  # a value inside the range is accepted
+
+
+def test_a_nan_clip_norm_is_refused_by_validate_config(capsys):
+    assert main(["validate-config", TINY, "train.max_grad_norm=.nan"]) == 2
+    assert capsys.readouterr().err == (
+        f"commit-mllm validate-config: config error: {TINY}: train.max_grad_norm = nan is "
+        "invalid: use a finite number >= 0\n"
+    )

@@ -70,8 +70,14 @@ logger = logging.getLogger(__name__)
 
 REFERENCES = ("auto", "slice", "recompute")
 # ``reference="auto"``: slicing p_t is kept when its numerical noise (KL between the sliced
-# and the recomputed subset logits at equal parameters) stays below this share of min D_c.
+# and the recomputed subset logits at equal parameters) stays below this share of
+# max(min D_c, SLICE_NOISE_FLOOR).
 SLICE_NOISE_SHARE = 0.01
+# Nats per token. Float32 rounding between two forwards gives a KL near 1e-16 per token; a
+# zero-rate step (first warmup step) or a component with a tiny update has D_c at or near 0,
+# and the check must not read that rounding as a slicing mismatch. A real mismatch (padding
+# or batch-dependent layers) is orders of magnitude above 1% of this floor.
+SLICE_NOISE_FLOOR = 1e-10
 
 
 def kl_sum(
@@ -477,7 +483,8 @@ class BalanceMeter:
         """The one-time check of ``reference="auto"`` (all ranks decide alike).
 
         Compares p_t cut from a full-batch forward with a forward on the rows alone, both at
-        theta_{t+1}: their KL per token must stay under 1% of the smallest D_c.
+        theta_{t+1}: their KL per token must stay under 1% of the smallest positive D_c, or
+        of :data:`SLICE_NOISE_FLOOR` when that is larger (a zero-rate step moves nothing).
         """
         n = self.lookahead.n_rows(full, self.rows)
         rows = self.lookahead.slice(full, n)
@@ -487,15 +494,17 @@ class BalanceMeter:
         if self.all_reduce is not None:
             self.all_reduce(noise)
         per_token = float(noise) / m.tokens if m.tokens else 0.0
-        signal = min((d for d in m.D.values() if d > 0), default=0.0)
+        smallest = min((d for d in m.D.values() if d > 0), default=0.0)
+        signal = max(smallest, SLICE_NOISE_FLOOR)
         self._slice_ok = per_token <= SLICE_NOISE_SHARE * signal
         if not self._slice_ok:
             logger.warning(
                 "balance meter: p_t sliced from the training forward differs from a subset "
-                "forward by KL %.3g per token (%.1f%% of min D_c): recomputing p_t on the "
-                "subset from now on; this step's estimate is dropped",
+                "forward by KL %.3g per token (%.1f%% of max(min D_c, %.0e)): recomputing p_t "
+                "on the subset from now on; this step's estimate is dropped",
                 per_token,
-                100 * per_token / signal if signal else float("inf"),
+                100 * per_token / signal,
+                SLICE_NOISE_FLOOR,
             )
         return self._slice_ok
 

@@ -43,11 +43,13 @@ from .errors import CheckpointError
 __all__ = [
     "CheckpointError",
     "checkpoint_step",
+    "drop_later_checkpoints",
     "fault_point",
     "latest_checkpoint",
     "load_optimizer_state",
     "load_state",
     "load_trainable",
+    "non_finite_streak",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -207,7 +209,11 @@ def save_checkpoint(
         _fsync(tmp / name)
         files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
     fault_point(f"save:{step}:weights")
-    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}))
+    # Steps skipped as non-finite just before this one: such a checkpoint does not count
+    # against keep_last, so it never rotates out the last one from before the streak.
+    streak = int(state.get("counters", {}).get("bad_in_a_row", 0))
+    manifest = {"format": FORMAT, "step": step, "files": files, "non_finite_streak": streak}
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
     _fsync(tmp / MANIFEST)
     fault_point(f"save:{step}:manifest")
     final = _publish(tmp, root / f"{PREFIX}{step:08d}", step)
@@ -237,6 +243,8 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
     A published step later than ``keep`` belongs to a timeline the run has left (a resume
     skipped it as broken, or it was written before a resume from an earlier step), so it is
     removed: otherwise a later ``--resume`` could pick it, and keep_last would count it.
+    Only checkpoints taken outside a non-finite streak count against ``keep_last``; one taken
+    inside a streak goes once it is older than every checkpoint kept.
     """
     for leftover in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f".old-{PREFIX}*")]:
         shutil.rmtree(leftover, ignore_errors=True)
@@ -245,9 +253,40 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
     for later in [p for p in published if (checkpoint_step(p) or 0) > step]:
         shutil.rmtree(later, ignore_errors=True)
     earlier = [p for p in published if (checkpoint_step(p) or 0) < step]
-    if keep_last > 0:
-        for old in earlier[: max(0, len(earlier) - (keep_last - 1))]:
+    if keep_last <= 0:
+        return
+    clean = [p for p in earlier if not non_finite_streak(p)]
+    wanted = keep_last - (0 if non_finite_streak(keep) else 1)
+    kept = clean[-wanted:] if wanted > 0 else []
+    oldest = checkpoint_step(kept[0]) if kept else step
+    for old in earlier:
+        in_streak = old not in clean
+        superseded = (checkpoint_step(old) or 0) < (oldest or 0)
+        if (in_streak and superseded) or (not in_streak and old not in kept):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def non_finite_streak(folder: str | Path) -> int:
+    """Non-finite steps in a row just before a checkpoint was taken (0: outside a streak)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(manifest.get("non_finite_streak", 0)) if isinstance(manifest, dict) else 0
+
+
+def drop_later_checkpoints(run_dir: str | Path, keep: Path | None) -> list[Path]:
+    """Remove the published checkpoints after ``keep`` (all of them when None).
+
+    Returns:
+        The folders removed.
+    """
+    root = Path(run_dir) / "checkpoints"
+    step = -1 if keep is None else checkpoint_step(keep) or 0
+    later = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (checkpoint_step(p) or 0) > step]
+    for folder in later:
+        shutil.rmtree(folder, ignore_errors=True)
+    return sorted(later)
 
 
 # ---- choosing and verifying ----------------------------------------------------------------
@@ -303,12 +342,13 @@ def _candidates(root: Path) -> list[Path]:
     return [p for *_, p in sorted(found, key=lambda x: (-x[0], x[1], x[2]))]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, before_streak: bool = False) -> Path | None:
     """The newest checkpoint of a run that verifies (:func:`verify_checkpoint`), or None.
 
     A broken one is skipped with a warning that says what is wrong; the next older one is
     tried. A copy moved aside by a re-save that was cut short is used when its step has no
-    good published folder. Unpublished temp folders are ignored with a warning.
+    good published folder. Unpublished temp folders are ignored with a warning. With
+    ``before_streak`` only checkpoints taken outside a non-finite streak are considered.
     """
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
@@ -316,6 +356,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     for tmp in root.glob(f".tmp-{PREFIX}*"):
         logger.warning("ignoring partial checkpoint %s (never published)", tmp)
     for folder in _candidates(root):
+        if before_streak and non_finite_streak(folder):
+            continue
         try:
             verify_checkpoint(folder)
         except CheckpointError as e:

@@ -41,8 +41,10 @@ from .strategies import CoMMITConfig
 from .tasks import TASKS
 
 __all__ = [
+    "FLOAT_RANGES",
     "ConfigError",
     "DataConfig",
+    "FloatRange",
     "ModelConfig",
     "RunConfig",
     "RunSection",
@@ -50,6 +52,7 @@ __all__ = [
     "apply_overrides",
     "check_local_files",
     "config_notes",
+    "float_settings",
     "from_dict",
     "load_config",
     "load_yaml",
@@ -214,6 +217,9 @@ class TrainSection:
         log_every: Write a metrics record every L steps.
         max_bad_steps: Non-finite losses or gradients in a row before the run aborts (each
             such step is skipped and counted).
+        max_dead_steps: Steps in a row with every gradient exactly 0 (seen through the
+            clipping norm, so not with ``max_grad_norm`` 0) or a loss unchanged from the
+            step before (to 1e-7 relative) before the run fails as dead (0 = never).
     """
 
     steps: int = 100
@@ -244,6 +250,7 @@ class TrainSection:
     keep_last: int = 2
     log_every: int = 1
     max_bad_steps: int = 5
+    max_dead_steps: int = 20
 
 
 @dataclass
@@ -286,6 +293,7 @@ class RunConfig:
             ("data.max_length", d.max_length >= 8, "an integer >= 8"),
             ("data.on_bad_sample", d.on_bad_sample in ("error", "skip"), "error or skip"),
             ("train.max_bad_steps", t.max_bad_steps >= 1, "an integer >= 1"),
+            ("train.max_dead_steps", t.max_dead_steps >= 0, "an integer >= 0 (0 = never)"),
             (
                 "train.num_threads",
                 t.num_threads == "auto" or (isinstance(t.num_threads, int) and t.num_threads >= 0),
@@ -297,7 +305,7 @@ class RunConfig:
                 section, _, name = key.rpartition(".")
                 obj = getattr(self, section) if section else self
                 raise ConfigError(f"{key} = {getattr(obj, name)!r} is invalid: use {allowed}")
-        _check_rates(t)
+        _check_floats(self)
         if t.fsdp and t.mixed_precision == "fp16":
             raise ConfigError(
                 "train.mixed_precision = 'fp16' is invalid with train.fsdp = true: use bf16 or no"
@@ -484,13 +492,150 @@ def _plain_scalar(text: str, tp: Any, key: str) -> Any:
     return text  # str
 
 
-def _check_rates(t: TrainSection) -> None:
-    """Every learning rate a component can get is a finite number >= 0 (NaN, inf refused)."""
-    rates = {f"train.{k}": getattr(t, k) for k in ("lr", "encoder_lr", "projector_lr", "llm_lr")}
-    rates.update({f"train.component_lrs.{k}": v for k, v in t.component_lrs.items()})
-    for key, rate in rates.items():
-        if rate is not None and not (math.isfinite(rate) and rate >= 0):
-            raise ConfigError(f"{key} = {rate!r} is invalid: use a finite number >= 0")
+# ---- float settings: finite and in range ------------------------------------------------
+@dataclass(frozen=True)
+class FloatRange:
+    """The values a float setting allows (always finite); None = unbounded on that side.
+
+    Attributes:
+        low: Smallest allowed value.
+        high: Largest allowed value.
+        low_open: ``low`` itself is excluded.
+        high_open: ``high`` itself is excluded.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, x: float) -> bool:
+        """Whether ``x`` is finite and inside the range."""
+        if not math.isfinite(x):
+            return False
+        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
+            return False
+        return self.high is None or (x < self.high or (not self.high_open and x == self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"a finite number in {lo}{self.low:g}, {self.high:g}{hi}"
+        if self.low is not None:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        return "a finite number"
+
+
+_RATE = FloatRange(0.0)
+_POSITIVE = FloatRange(0.0, low_open=True)
+_AT_LEAST_1 = FloatRange(1.0)
+_FRACTION = FloatRange(0.0, 1.0, low_open=True)
+_DROPOUT = FloatRange(0.0, 1.0, high_open=True)
+# Every float setting of RunConfig, by dotted key ('*' = any key of a mapping). A test walks
+# the dataclasses and requires an entry for each float field, so none escapes validation.
+FLOAT_RANGES: dict[str, FloatRange] = {
+    "train.lr": _RATE,
+    "train.encoder_lr": _RATE,
+    "train.projector_lr": _RATE,
+    "train.llm_lr": _RATE,
+    "train.component_lrs.*": _RATE,
+    "train.weight_decay": _RATE,
+    "train.min_lr_ratio": FloatRange(0.0, 1.0),
+    "train.max_grad_norm": FloatRange(0.0),  # 0 = no clipping
+    "model.mllm.llm.lora.alpha": _POSITIVE,
+    "model.mllm.vision.lora.alpha": _POSITIVE,
+    "model.mllm.audio.lora.alpha": _POSITIVE,
+    "model.mllm.llm.lora.dropout": _DROPOUT,
+    "model.mllm.vision.lora.dropout": _DROPOUT,
+    "model.mllm.audio.lora.dropout": _DROPOUT,
+    "model.mllm.vision_projector.dropout": _DROPOUT,
+    "model.mllm.audio_projector.dropout": _DROPOUT,
+    "commit.rows": _FRACTION,  # as a fraction; an int is a row count
+    "commit.kappa_target": _POSITIVE,
+    "commit.component_targets.*": _POSITIVE,
+    "commit.bias_threshold": FloatRange(0.0),
+    "commit.oscillation_threshold": FloatRange(0.0),
+    "commit.flip_threshold": FloatRange(0.0, 1.0),
+    "commit.collapse_log_kappa": _POSITIVE,
+    "commit.gamma": FloatRange(0.0),
+    "commit.max_factor": _AT_LEAST_1,
+    "commit.factor_caps.*": _AT_LEAST_1,
+    "commit.alpha": FloatRange(0.0),
+    "commit.tau": FloatRange(1.0, low_open=True),
+    "commit.ogm_rho": FloatRange(0.0),
+    "commit.replay.*.*": _POSITIVE,
+    "commit.progress_gain": FloatRange(0.0),
+    "commit.progress_cut_gain": FloatRange(0.0),
+    "commit.progress_horizon": _AT_LEAST_1,
+    "commit.progress_confidence": FloatRange(0.0),
+    "commit.progress_max_cut": _AT_LEAST_1,
+    "commit.progress_max_raise": _AT_LEAST_1,
+    "commit.progress_guard": _POSITIVE,
+    "commit.progress_rows": _FRACTION,
+}
+
+
+def _takes_float(tp: Any) -> bool:
+    """``float``, or a union with it (``float | None``, ``int | float | None``)."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return tp is float or (union and float in typing.get_args(tp))
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    for arg in (tp, *typing.get_args(tp)):
+        if _is_dataclass_type(arg):
+            return arg
+    return None
+
+
+def _mapping_value(tp: Any) -> Any:
+    """The value type of ``dict[K, V]`` (also inside ``| None``), else None."""
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) in (dict, Mapping):
+            return typing.get_args(arg)[1]
+    return None
+
+
+def float_settings(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys of every float setting under a config dataclass (``*``: a mapping's key).
+
+    Walks nested dataclasses (also optional ones) and mappings, so a float field added
+    anywhere in :class:`RunConfig` is listed; :data:`FLOAT_RANGES` must hold each of them.
+    """
+    cls = RunConfig if cls is None else cls
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys += _float_keys(_hints(cls)[f.name], f"{prefix}{f.name}")
+    return keys
+
+
+def _float_keys(tp: Any, key: str) -> list[str]:
+    if _takes_float(tp):
+        return [key]
+    nested = _dataclass_in(tp)
+    if nested is not None:
+        return float_settings(nested, key + ".")
+    value = _mapping_value(tp)
+    return _float_keys(value, key + ".*") if value is not None else []
+
+
+def _check_floats(obj: Any, prefix: str = "", pattern: str = "") -> None:
+    """Every float value in a config is finite and inside its :data:`FLOAT_RANGES` range."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_float_value(getattr(obj, f.name), hints[f.name], prefix + f.name, pattern + f.name)
+
+
+def _check_float_value(value: Any, tp: Any, key: str, pattern: str) -> None:
+    if isinstance(value, float) and _takes_float(tp):
+        allowed = FLOAT_RANGES.get(pattern, FloatRange())
+        if not allowed.allows(value):
+            raise ConfigError(f"{key} = {value!r} is invalid: use {allowed}")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _check_floats(value, key + ".", pattern + ".")
+    elif isinstance(value, Mapping) and _mapping_value(tp) is not None:
+        for k, v in value.items():
+            _check_float_value(v, _mapping_value(tp), f"{key}.{k}", pattern + ".*")
 
 
 # ---- dict <-> dataclass ---------------------------------------------------------------

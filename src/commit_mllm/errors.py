@@ -12,7 +12,8 @@ exception                                      exit   meaning
 ``DataFormatError``, ``MediaError``,                  is wrong; fixing it fixes the run
 :class:`CheckpointError`); ``FileNotFoundError``,
 ``PermissionError``, ``IsADirectoryError``
-:class:`RunError` (and :class:`NonFiniteError`)  1    the run started and failed
+:class:`RunError` (:class:`NonFiniteError`,     1    the run started and failed
+:class:`DeadRunError`)
 :class:`Preempted`                             128+N  stopped by signal N (SIGINT 130,
                                                       SIGTERM 143) after a checkpoint
 ``KeyboardInterrupt``                           130   Ctrl-C outside the training loop
@@ -25,7 +26,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-__all__ = ["CheckpointError", "NonFiniteError", "Preempted", "RunError"]
+__all__ = ["CheckpointError", "DeadRunError", "NonFiniteError", "Preempted", "RunError"]
 
 
 class RunError(RuntimeError):
@@ -43,6 +44,18 @@ class NonFiniteError(RunError):
     def __init__(self, message: str, step: int, checkpoint: Path | None):
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
+
+class DeadRunError(RunError):
+    """``train.max_dead_steps`` steps in a row with no gradient or an unchanged loss.
+
+    Attributes:
+        step: The step index at which the run stopped.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 class CheckpointError(ValueError):

@@ -27,7 +27,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_group_settings", "changed_settings", "check_resume_config"]
+__all__ = [
+    "apply_group_settings",
+    "changed_settings",
+    "check_resume_config",
+    "suspect_changes",
+]
 
 # Longest matching prefix wins. Values: None = ignored; a string = why it is an error.
 _FIXED = "the checkpoint's weights belong to the model and trainable set it was built with"
@@ -56,6 +61,41 @@ GROUP_KEYS = (
     "train.component_lrs",
     "train.weight_decay",
 )
+
+
+# How long or how often a run goes, or where it reports: none of them changes a step.
+_BOOKKEEPING = (
+    "train.steps",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.max_bad_steps",
+    "train.max_dead_steps",
+    "train.eval_batch_size",
+    "train.max_new_tokens",
+    "run.tensorboard",
+    "run.wandb",
+)
+
+
+def suspect_changes(state: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key old -> new`` for each setting changed at resume that can change what a step does.
+
+    What a non-finite abort after a resume names as its likely cause (rates included;
+    cadences, lengths and ignored settings left out).
+    """
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        return []
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        rule = _rule(key)
+        ignored = rule is not None and rule[1] is None
+        if a.get(key) != b.get(key) and key not in _BOOKKEEPING and not ignored:
+            out.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
+    return out
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -63,6 +63,17 @@ STEERING = ("commit", "commit_clr", "ogm_ge", "progress")
 DEFAULT_EVERY = 16
 #: Row fraction of ``CoMMITConfig()``.
 DEFAULT_ROWS = 0.25
+
+
+def _float_values(cfg: object) -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a config's fields, inside mappings too."""
+    stack = [(f.name, getattr(cfg, f.name)) for f in fields(cfg)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, float):
+            yield key, value
+        elif isinstance(value, Mapping):
+            stack += [(f"{key}.{k}", v) for k, v in value.items()]
 
 
 @dataclass
@@ -248,6 +259,9 @@ class CoMMITConfig:
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"commit.{key} = {getattr(self, key)!r} is invalid: use {allowed}")
+        for key, value in _float_values(self):  # inf passes the comparisons above
+            if not math.isfinite(value):
+                raise ValueError(f"commit.{key} = {value!r} is invalid: use a finite number")
         for key in ("rows", "progress_rows"):
             rows = getattr(self, key)
             if rows is not None and not (

@@ -93,9 +93,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _keep_jsonl(path: Path, keep: Any) -> None:
+    """Keep the records ``keep`` accepts; a file that loses none is left untouched."""
     if path.exists():
         records = [r for r in read_jsonl(path) if keep(r)]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if text != path.read_text(encoding="utf-8"):
+            write_atomic(path, text)
 
 
 def _prediction_step(path: Path) -> int | None:
@@ -110,9 +113,11 @@ def rewind(run_dir: str | Path, step: int, micro_batches: int | None = None) -> 
 
     Keeps step records with ``step`` < S, evaluations (and their predictions files) with
     ``step`` <= S, TensorBoard scalars on the same rule (``eval/*`` tags <= S, the rest < S),
-    and skipped-sample records of the first ``micro_batches`` micro-batches; removes
-    ``summary.json`` (a resumed run writes it again) and files a killed write left behind.
-    Every file is rewritten atomically, so a kill during the rewind is undone by the next.
+    and skipped-sample records of the first ``micro_batches`` micro-batches, and removes
+    files a killed write left behind. ``summary.json`` stays: it describes the last run that
+    finished until a resumed run finishes and replaces it. A file that loses nothing is not
+    touched; the others are rewritten atomically, so a kill during the rewind is undone by
+    the next.
 
     Args:
         run_dir: The run folder.
@@ -132,7 +137,6 @@ def rewind(run_dir: str | Path, step: int, micro_batches: int | None = None) -> 
             n = _prediction_step(path)
             if n is None or n > step:
                 path.unlink()
-    (run_dir / "summary.json").unlink(missing_ok=True)
     _rewind_tensorboard(run_dir, step)
 
 
@@ -190,29 +194,19 @@ def _rewind_tensorboard(run_dir: Path, step: int) -> None:
     them, and it cannot keep ``eval/*`` at S while dropping train scalars at S), so the
     events are filtered and written again: staged beside ``tb/``, then the old files are
     removed and the new one moved in. Each (tag, step) is kept once, so re-reading a
-    stage left by a kill together with old files gives the same result.
+    stage left by a kill together with old files gives the same result. Files that hold
+    nothing to drop are left as they are.
     """
     tb, stage = run_dir / "tb", run_dir / _TB_STAGE
     sources = [*_event_files(stage), *_event_files(tb)]
     if not sources:
         shutil.rmtree(stage, ignore_errors=True)
         return
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    kept, dropped = _kept_events(sources, step)
+    if not dropped and not stage.exists():
+        return
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    kept: dict[tuple[str, int], Any] = {}
-    for path in sources:
-        for raw in RawEventFileLoader(str(path)).Load():  # stops at a record cut by a kill
-            event = event_pb2.Event.FromString(raw)
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                limit = step if value.tag.startswith("eval/") else step - 1
-                if event.step <= limit:
-                    one = event_pb2.Event(wall_time=event.wall_time, step=event.step)
-                    one.summary.CopyFrom(summary_pb2.Summary(value=[value]))
-                    kept.setdefault((value.tag, event.step), one)
     fresh = stage / "new"
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir(parents=True)
@@ -228,6 +222,41 @@ def _rewind_tensorboard(run_dir: Path, step: int) -> None:
     for path in _event_files(fresh):
         os.replace(path, tb / path.name)
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _kept_events(sources: list[Path], step: int) -> tuple[dict[tuple[str, int], Any], bool]:
+    """The scalar events up to checkpoint ``step``, one per (tag, step); whether any went.
+
+    A scalar goes when it is later than the checkpoint, a duplicate, or cut by a kill.
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    kept: dict[tuple[str, int], Any] = {}
+    dropped = False
+    for path in sources:
+        for raw in RawEventFileLoader(str(path)).Load():  # stops at a record cut by a kill
+            event = event_pb2.Event.FromString(raw)
+            if not event.HasField("summary"):
+                continue
+            for value in event.summary.value:
+                limit = step if value.tag.startswith("eval/") else step - 1
+                if event.step > limit or (value.tag, event.step) in kept:
+                    dropped = True
+                    continue
+                one = event_pb2.Event(wall_time=event.wall_time, step=event.step)
+                one.summary.CopyFrom(summary_pb2.Summary(value=[value]))
+                kept[(value.tag, event.step)] = one
+        dropped = dropped or _cut_short(path)
+    return kept, dropped
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether an event file ends in a record a kill cut off (bytes past its last record)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+
+    whole = sum(len(raw) + 16 for raw in RawEventFileLoader(str(path)).Load())
+    return whole != path.stat().st_size
 
 
 def _fsync_file(path: Path) -> None:
@@ -264,6 +293,7 @@ class RunLogger:
     ):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.tb = self.wandb = None
+        self._tensorboard = tensorboard and enabled
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,10 +301,6 @@ class RunLogger:
             clear(self.run_dir)
         else:
             rewind(self.run_dir, resume_step, micro_batches)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
         if wandb:
             try:
                 import wandb as wb
@@ -335,6 +361,12 @@ class RunLogger:
             and not isinstance(v, bool)
             and math.isfinite(v)
         }
+        if self._tensorboard and self.tb is None:
+            # Opened at the first scalar, not at start: a resume that fails before its first
+            # step leaves tb/ as it found it.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
@@ -342,8 +374,10 @@ class RunLogger:
             self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        """Flush and close the writers."""
+        """Flush and close the writers (a later scalar opens TensorBoard's again)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None

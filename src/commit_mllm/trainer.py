@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .balance import supervised_mask
 from .batches import BatchOrder, MicroBatches
 from .checkpoint import (
     PREFIX,
+    drop_later_checkpoints,
     fault_point,
     latest_checkpoint,
     load_trainable,
@@ -37,10 +38,10 @@ from .checkpoint import (
 from .config import RunConfig, resolve_num_threads, to_dict
 from .coordinator import CoMMIT
 from .diagnostics import state_shares
-from .errors import NonFiniteError, Preempted
+from .errors import DeadRunError, NonFiniteError, Preempted
 from .evaluation import evaluate
-from .resume import find_checkpoint, restore
-from .tracking import RunLogger, read_jsonl, start_over, write_atomic
+from .resume import find_checkpoint, restore, suspect_changes
+from .tracking import RunLogger, read_jsonl, rewind, start_over, write_atomic
 
 __all__ = ["BatchOrder", "Session", "setup", "summarize", "train"]
 
@@ -74,6 +75,13 @@ def train(
         ValueError: A config that cannot resume the checkpoint, bad data (one line each).
     """
     s = session or setup(cfg, resume, log)
+    with s.undone_on_failure():
+        return _train_loop(s)
+
+
+def _train_loop(s: Session) -> dict:
+    """The steps of :func:`train`, then the final evaluation, checkpoint and summary."""
+    cfg = s.cfg
     acc, commit, opt, t = s.accelerator, s.commit, s.optimizer, cfg.train
     bar = s.progress_bar()
     start, bounds_said = time.perf_counter(), set()
@@ -119,6 +127,7 @@ def train(
         _say_bounds(report.at_bound, bounds_said, step, acc.is_main_process)
         if step % t.log_every == 0 or step == t.steps - 1:
             s.logger.log_step(record)
+        s.check_alive(step, ce_mean, total_norm)
         bar.update(1)
         bar.set_postfix(  # kappa_bar: held between the estimates taken every K steps
             loss=f"{ce_mean:.3f}", kappa_bar=_fmt(record.get("kappa_bar")), state=record["state"]
@@ -197,10 +206,36 @@ class Session:
     run_dir: Path
     fsdp: torch.nn.Module | None = None
     bad_in_a_row: int = 0
+    dead_in_a_row: int = 0
+    last_loss: float | None = None
     skipped_steps: int = 0
     skipped_samples: int = 0
     saved_step: int | None = None  # the step of the published checkpoint this state equals
+    resumed: bool = False
+    published: bool = False  # this process published a checkpoint
+    resume_changes: list[str] = field(default_factory=list)
     _peeked: tuple[dict[str, Any], list[dict]] | None = None
+
+    @contextlib.contextmanager
+    def undone_on_failure(self) -> Iterator[None]:
+        """A resumed run that fails before publishing a checkpoint leaves its folder as found.
+
+        The records of the steps it ran are rewound away; ``summary.json`` and
+        ``config.yaml`` are only replaced when a run finishes, and no checkpoint was written,
+        so the folder is the one ``--resume`` found. A run that published a checkpoint keeps
+        the records up to it (the next ``--resume`` continues from there). A stop by signal
+        is not a failure: it publishes a checkpoint.
+        """
+        try:
+            yield
+        except Preempted:
+            raise
+        except Exception:
+            self.logger.close()
+            if self.resumed and not self.published and self.accelerator.is_main_process:
+                micro = self.start_step * self.cfg.train.grad_accum
+                rewind(self.run_dir, self.start_step, micro)
+            raise
 
     def steps(self) -> Iterator[int]:
         """Step indices from ``start_step`` on, ending early on SIGTERM / SIGINT.
@@ -285,20 +320,61 @@ class Session:
         self.skipped_steps += 1
         self.logger.log_step({"step": step, "skipped": "non-finite loss or gradient"})
         limit = self.cfg.train.max_bad_steps
-        if self.bad_in_a_row >= limit:
-            last = latest_checkpoint(self.run_dir)
-            then = (
-                f"add --resume to continue from {last.name}"
-                if last is not None
-                else "start again (no checkpoint was written)"
+        if self.bad_in_a_row < limit:
+            return
+        # Checkpoints taken inside the streak hold the same weights as the one before it
+        # (skipped steps update nothing); removing them makes --resume start from that one.
+        last = latest_checkpoint(self.run_dir, before_streak=True)
+        if self.accelerator.is_main_process:
+            drop_later_checkpoints(self.run_dir, last)
+        then = (
+            f"add --resume to continue from {last.name}"
+            if last is not None
+            else "start again (no checkpoint was written)"
+        )
+        began = step - self.bad_in_a_row + 1
+        if self.resume_changes and began >= self.start_step:
+            changes = "; ".join(self.resume_changes)
+            cause = (
+                f"Likely cause: settings changed at --resume from step {self.start_step}: "
+                f"{changes}; set them back, then {then}"
             )
-            raise NonFiniteError(
-                f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
-                f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}. "
-                f"Lower the learning rates (train.lr, train.*_lr) or check the data, then {then}",
-                step,
-                last,
-            )
+        else:
+            cause = "Lower the learning rates (train.lr, train.*_lr) or check the data, then "
+            cause += then
+        raise NonFiniteError(
+            f"step {step}: {self.bad_in_a_row} non-finite losses or gradients in a row "
+            f"(train.max_bad_steps = {limit}); aborting. Last good checkpoint: {last}. {cause}",
+            step,
+            last,
+        )
+
+    def check_alive(self, step: int, loss: float, grad_norm: torch.Tensor | None) -> None:
+        """Fail a run that stopped learning: no gradient, or the same loss, step after step.
+
+        Raises:
+            DeadRunError: ``train.max_dead_steps`` such steps in a row.
+        """
+        zero = grad_norm is not None and float(grad_norm) == 0.0
+        last, self.last_loss = self.last_loss, loss
+        frozen = last is not None and abs(loss - last) <= 1e-7 * max(abs(loss), 1e-12)
+        self.dead_in_a_row = self.dead_in_a_row + 1 if zero or frozen else 0
+        limit = self.cfg.train.max_dead_steps
+        if not limit or self.dead_in_a_row < limit:
+            return
+        what = " and ".join(
+            w
+            for w, on in (("every gradient exactly 0", zero), (f"the loss at {loss:.6g}", frozen))
+            if on
+        )
+        raise DeadRunError(
+            f"step {step}: {self.dead_in_a_row} steps in a row with {what} "
+            f"(train.max_dead_steps = {limit}): the run has stopped learning. Likely cause: "
+            "learning rates too high (a huge step saturates the model and its gradients "
+            "vanish: lower train.lr, train.*_lr) or nothing left to train (every component "
+            "frozen or at rate 0); fix it and start again",
+            step,
+        )
 
     def end_of_step(self, done: int) -> None:
         """Evaluate, then save, when due after ``done`` optimizer steps.
@@ -388,6 +464,8 @@ class Session:
                     "bad_in_a_row": self.bad_in_a_row,
                     "skipped_steps": self.skipped_steps,
                     "skipped_samples": self.skipped_samples,
+                    "dead_in_a_row": self.dead_in_a_row,
+                    "last_loss": self.last_loss,
                 },
                 "config": to_dict(self.cfg),
                 "processes": self.accelerator.num_processes,
@@ -402,17 +480,22 @@ class Session:
                 weights=weights,
                 optimizer_state=optim,
             )
-        self.saved_step = step
+        self.saved_step, self.published = step, True
         self.accelerator.wait_for_everyone()
         return final
 
     def finish(self, final_eval: dict | None, seconds: float) -> dict:
-        """Write summary.json and close the logs."""
+        """Write summary.json (and a resumed run's config.yaml), each atomically; close logs.
+
+        A resumed run replaces the finished run's description only now that it has finished.
+        """
         self.logger.close()
         summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
         summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
         fault_point("finish")
         if self.accelerator.is_main_process:
+            if self.resumed:
+                _write_config(self.run_dir, self.cfg)
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
@@ -426,6 +509,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     """
     from accelerate import Accelerator
 
+    cfg.validate()  # a config built or changed in code has not been through load_config
     t = cfg.train
     threads, why = resolve_num_threads(t.num_threads)
     if threads is not None:
@@ -463,9 +547,9 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     start = restore(ckpt, state, optimizer, commit, fsdp, say, warn)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume:  # a resumed run writes its config.yaml when it finishes
             start_over(run_dir, warn)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            _write_config(run_dir, cfg)
     run_logger = RunLogger(
         run_dir,
         acc.is_main_process,
@@ -494,14 +578,22 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     s = Session(
         cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
     )
+    s.resumed = resume
+    s.resume_changes = suspect_changes(state, to_dict(cfg)) if state is not None else []
     if state is not None:
-        s.bad_in_a_row, s.skipped_steps, s.skipped_samples = (
-            int(state.get("counters", {}).get(k, 0))
-            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples")
+        counters = state.get("counters", {})
+        s.bad_in_a_row, s.skipped_steps, s.skipped_samples, s.dead_in_a_row = (
+            int(counters.get(k, 0))
+            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples", "dead_in_a_row")
         )
+        s.last_loss = counters.get("last_loss")
         if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
             s.saved_step = start
     return s
+
+
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _check_trainable(components: Any, strategy: str) -> None:
@@ -538,7 +630,9 @@ def _wrap(acc: Any, parts: Assembly, t: Any, say: Callable[[str], None]) -> tupl
     if t.fsdp:
         say("fsdp: one process, nothing to shard; training unwrapped")
     model, optimizer = acc.prepare(parts.model, opt_cls(parts.components.param_groups()))
-    parts.model = acc.unwrap_model(model)
+    # Not acc.unwrap_model: it imports DeepSpeed whenever installed, which prints a warning.
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    parts.model = model.module if ddp else model
     return optimizer, (model if acc.num_processes > 1 else None), None
 
 
