@@ -234,11 +234,13 @@ def test_loaded_configs_hold_plain_python_values(tmp_path):
 def _nested(key: str, value):
     """A config mapping that sets one dotted key ('*' = a mapping's key: 3 for replay steps)."""
     parts = key.split(".")
-    parts = [
-        (3 if parts[i - 1] == "replay" else "llm") if p == "*" else p for i, p in enumerate(parts)
-    ]
+    index = {"replay": 3, "linesearch_alphas": 2}  # a sequence's item: the third path length
+    parts = [index.get(parts[i - 1], "llm") if p == "*" else p for i, p in enumerate(parts)]
     data = value
-    for p in reversed(parts):
+    for i, p in reversed(list(enumerate(parts))):
+        if parts[i - 1] == "linesearch_alphas":
+            data = [0.25, 1.0, data]  # the sequence with this item at index 2
+            continue
         data = {p: data}
     model = data.setdefault("model", {})
     model.setdefault("preset", "tiny-random")  # a model the rest of validate() accepts

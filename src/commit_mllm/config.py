@@ -572,6 +572,11 @@ FLOAT_RANGES: dict[str, FloatRange] = {
     "commit.progress_max_raise": _AT_LEAST_1,
     "commit.progress_guard": _POSITIVE,
     "commit.progress_rows": _FRACTION,
+    "commit.linesearch_alphas.*": _POSITIVE,
+    "commit.linesearch_gain": FloatRange(0.0, 1.0),
+    "commit.linesearch_cut_gain": FloatRange(0.0, 1.0),
+    "commit.linesearch_max_cut": _AT_LEAST_1,
+    "commit.linesearch_max_raise": _AT_LEAST_1,
 }
 
 
@@ -596,6 +601,14 @@ def _mapping_value(tp: Any) -> Any:
     return None
 
 
+def _sequence_value(tp: Any) -> Any:
+    """The item type of ``tuple[V, ...]`` / ``list[V]`` (also inside ``| None``), else None."""
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) in (tuple, list):
+            return typing.get_args(arg)[0]
+    return None
+
+
 def float_settings(cls: type | None = None, prefix: str = "") -> list[str]:
     """Dotted keys of every float setting under a config dataclass (``*``: a mapping's key).
 
@@ -615,7 +628,7 @@ def _float_keys(tp: Any, key: str) -> list[str]:
     nested = _dataclass_in(tp)
     if nested is not None:
         return float_settings(nested, key + ".")
-    value = _mapping_value(tp)
+    value = _mapping_value(tp) or _sequence_value(tp)
     return _float_keys(value, key + ".*") if value is not None else []
 
 
@@ -636,6 +649,9 @@ def _check_float_value(value: Any, tp: Any, key: str, pattern: str) -> None:
     elif isinstance(value, Mapping) and _mapping_value(tp) is not None:
         for k, v in value.items():
             _check_float_value(v, _mapping_value(tp), f"{key}.{k}", pattern + ".*")
+    elif isinstance(value, (tuple, list)) and _sequence_value(tp) is not None:
+        for i, v in enumerate(value):
+            _check_float_value(v, _sequence_value(tp), f"{key}.{i}", pattern + ".*")
 
 
 # ---- dict <-> dataclass ---------------------------------------------------------------

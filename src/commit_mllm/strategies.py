@@ -206,6 +206,11 @@ class CoMMITConfig:
 
     def validate(self) -> None:
         """Check every setting; the error names the key and what is allowed."""
+        for i, a in enumerate(self.linesearch_alphas):
+            if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
+                raise ValueError(
+                    f"commit.linesearch_alphas.{i} = {a!r} is invalid: use a finite number > 0"
+                )
         checks = [
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
             ("every", self.every is None or _int_at_least(self.every, 1), "an integer >= 1"),
