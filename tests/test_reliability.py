@@ -1,6 +1,7 @@
 """Reliability: bad inputs and failures give one clear line; non-finite losses are handled."""
 
 import json
+import os
 import shutil
 import wave
 from pathlib import Path
@@ -613,3 +614,29 @@ def test_training_does_not_import_deepspeed(tmp_path):
     )
     assert out.stdout.strip().splitlines()[-1] == "False"
     assert "Setting accelerator" not in out.stderr
+
+
+def test_the_cli_keeps_an_installed_but_unused_deepspeed_quiet():
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    code = "from commit_mllm.cli import quiet_optional_imports as q; q(); import deepspeed"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Setting accelerator to CPU" not in out.stderr + out.stdout
+
+
+def test_progress_false_silences_the_libraries_bars(tmp_path):
+    import transformers
+
+    from commit_mllm.cli import main
+
+    transformers.utils.logging.enable_progress_bar()
+    argv = ["train", "--config", TINY, f"run.output_dir={tmp_path / 'r'}", "train.steps=1"]
+    try:
+        assert main([*argv, "run.progress=false", "train.save_every=0"]) == 0
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()

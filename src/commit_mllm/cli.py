@@ -227,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and :mod:`commit_mllm.errors`), plus the traceback with ``--debug``.
     """
     args = _parser().parse_args(argv)
+    quiet_optional_imports()
     try:
         return _COMMANDS[args.command](args)
     except (Exception, KeyboardInterrupt) as e:
@@ -242,6 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = "" if rank == "0" else f" (rank {rank})"
             print(f"commit-mllm {args.command}{where}: {message}", file=sys.stderr, flush=True)
         return code
+
+
+def quiet_optional_imports() -> None:
+    """Keep optional libraries from speaking up when they are only imported, not used.
+
+    Libraries import DeepSpeed whenever it is installed (accelerate's unwrap, transformers'
+    ``save_pretrained``), and DeepSpeed then warns at import that it chose the CPU. Without a
+    GPU it would choose the CPU anyway: say so in advance (``DS_ACCELERATOR``, unless the user
+    set it), and the import is silent.
+    """
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _failure(e: BaseException, args: argparse.Namespace) -> tuple[str, int]:

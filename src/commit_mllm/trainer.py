@@ -141,6 +141,18 @@ def _train_loop(s: Session) -> dict:
     return s.finish(final_eval, time.perf_counter() - start)
 
 
+def _silence_library_bars() -> None:
+    """``run.progress=false`` silences the libraries' bars too (loading, saving weights)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:  # an older huggingface_hub: transformers' switch covers its bars
+        return
+    disable_progress_bars()
+
+
 def _say_bounds(at_bound: dict[str, str], said: set, step: int, main: bool) -> None:
     """Say once per component and side that the rule wanted its factor past a bound."""
     for c, side in at_bound.items():
@@ -514,6 +526,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     threads, why = resolve_num_threads(t.num_threads)
     if threads is not None:
         torch.set_num_threads(threads)
+    if not cfg.run.progress:
+        _silence_library_bars()
     # cpu=True when there is no GPU: that is what makes torchrun start MULTI_CPU (gloo) ranks.
     cpu = t.cpu or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
