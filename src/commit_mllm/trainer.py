@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -503,21 +504,27 @@ def _enable_feature_cache(parts: Assembly, max_mb: float) -> str:
     """
     model = parts.model
     cache = model.enable_feature_cache(int(max_mb * 2**20))
+    import numpy as np
+
     costs = []
-    try:
-        batch = parts.collator([parts.train_set[0]])
-        device = next(model.parameters()).device
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.no_grad():
-            for m in cache.modalities:
-                x, _ = model._run_tower(m, batch)
-                row = x[0]
-                size = row.numel() * row.element_size()
-                shape = " x ".join(str(n) for n in row.shape)
-                dtype = str(row.dtype).removeprefix("torch.")
-                costs.append(f"{m} {shape} {dtype} = {size / 2**10:.1f} KiB")
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:  # the sizing forward must not shift any RNG the run draws from
+        with torch.random.fork_rng(devices=[]):
+            batch = parts.collator([parts.train_set[0]])
+            device = next(model.parameters()).device
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            with torch.no_grad():
+                for m in cache.modalities:
+                    row = model._run_tower(m, batch)[0][0]
+                    size = row.numel() * row.element_size()
+                    shape = " x ".join(str(n) for n in row.shape)
+                    dtype = str(row.dtype).removeprefix("torch.")
+                    costs.append(f"{m} {shape} {dtype} = {size / 2**10:.1f} KiB")
     except Exception as e:  # the line is informative only: never fail the run on it
         costs.append(f"per-item cost unknown ({type(e).__name__}: {e})")
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     per = "; ".join(costs)
     what = "each clip per padded length" if "audio" in cache.modalities else "each image"
     return (
