@@ -214,3 +214,34 @@ def test_refusals_name_the_key(tmp_path):
         load_config(TINY, ["train.cache_frozen_features=true", "train.fsdp=true"])
     with pytest.raises(ConfigError, match=r"train\.feature_cache_max_mb = 0\.0 is invalid"):
         load_config(TINY, ["train.feature_cache_max_mb=0"])
+
+
+def test_resume_may_switch_the_cache():
+    from commit_mllm.config import to_dict
+    from commit_mllm.resume import changed_settings
+
+    before = to_dict(load_config(TINY))
+    after = to_dict(
+        load_config(TINY, ["train.cache_frozen_features=true", "train.feature_cache_max_mb=64"])
+    )
+    assert changed_settings(before, after) == ([], [])  # it does not change what is computed
+
+
+def test_docs_quote_the_measured_figures():
+    """docs/real_parts.md's cache table is speed_real.json's entry, figure for figure."""
+    import json
+
+    entry = json.loads((ROOT / "benchmarks" / "results" / "speed_real.json").read_text())[
+        "vision-A-real+feature_cache"
+    ]
+    doc = (ROOT / "docs" / "real_parts.md").read_text()
+    section = doc.split("## Frozen-tower feature cache", 1)[1].split("\n## ", 1)[0]
+    for part in ("plain", "trainer"):
+        arms = entry[part]
+        row = (
+            f"| {part} | {arms['uncached']['cpu_s']} ({arms['uncached']['wall_s']}) "
+            f"| {arms['cached']['cpu_s']} ({arms['cached']['wall_s']}) "
+            f"| {arms['speedup']['cpu_s']}x ({arms['speedup']['wall_s']}x) |"
+        )
+        assert row in section, row
+    assert f"{entry['plain']['bytes_per_item'] // 1024} KiB" in section
