@@ -13,7 +13,7 @@ run folder's ``config.yaml``) is one of:
   differently (``batch_size`` 4 -> 2 with ``grad_accum`` 1 -> 2) is allowed;
 * **ignored** when it does not change what is computed (``run.output_dir``,
   ``run.progress``, ``run.cache_dir``, ``train.cpu``, ``train.num_threads``,
-  ``data.num_workers``);
+  ``data.num_workers``, ``train.cache_frozen_features``, ``train.feature_cache_max_mb``);
 * **taken into account, with one warning line** listing them: everything else (steps,
   evaluation / save / log cadence, schedule, the CoMMIT settings other than the strategy,
   data, seed of the data order, precision ...). Learning rates and weight decay are among
@@ -50,6 +50,8 @@ RULES: dict[str, str | None] = {
     "run.cache_dir": None,
     "train.cpu": None,
     "train.num_threads": None,
+    "train.cache_frozen_features": None,
+    "train.feature_cache_max_mb": None,
     "data.num_workers": None,
 }
 # Applied to the optimizer's groups by apply_group_settings (reported from there).

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -504,6 +505,9 @@ class Session:
         self.logger.close()
         summary = summarize(self.run_dir, self.cfg, final_eval, seconds, self.start_step)
         summary.update(skipped_steps=self.skipped_steps, skipped_samples=self.skipped_samples)
+        cache = getattr(self.parts.model, "feature_cache", None)
+        if cache is not None:
+            summary["feature_cache"] = cache.stats()
         fault_point("finish")
         if self.accelerator.is_main_process:
             if self.resumed:
@@ -540,6 +544,8 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     say(f"threads: {why}")
     say(parts.components.table())
     _check_trainable(parts.components, cfg.commit.strategy)
+    if t.cache_frozen_features:
+        say(_enable_feature_cache(parts, t.feature_cache_max_mb))
     if ckpt is not None:  # weights go in before any wrapper shards or replicates them
         load_trainable(parts.model, ckpt)
     optimizer, ddp, fsdp = _wrap(acc, parts, t, say)
@@ -608,6 +614,46 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
 
 def _write_config(run_dir: Path, cfg: RunConfig) -> None:
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _enable_feature_cache(parts: Assembly, max_mb: float) -> str:
+    """Turn the frozen-tower cache on (``train.cache_frozen_features``); its log line.
+
+    The per-item cost is read off one tower forward on the first training sample.
+
+    Raises:
+        ValueError: A tower is not frozen or not deterministic (one line naming the key).
+    """
+    model = parts.model
+    cache = model.enable_feature_cache(int(max_mb * 2**20))
+    import numpy as np
+
+    costs = []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:  # the sizing forward must not shift any RNG the run draws from
+        with torch.random.fork_rng(devices=[]):
+            batch = parts.collator([parts.train_set[0]])
+            device = next(model.parameters()).device
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            with torch.no_grad():
+                for m in cache.modalities:
+                    row = model._run_tower(m, batch)[0][0]
+                    size = row.numel() * row.element_size()
+                    shape = " x ".join(str(n) for n in row.shape)
+                    dtype = str(row.dtype).removeprefix("torch.")
+                    costs.append(f"{m} {shape} {dtype} = {size / 2**10:.1f} KiB")
+    except Exception as e:  # the line is informative only: never fail the run on it
+        costs.append(f"per-item cost unknown ({type(e).__name__}: {e})")
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    per = "; ".join(costs)
+    what = "each clip per padded length" if "audio" in cache.modalities else "each image"
+    return (
+        f"feature cache: on for the frozen {'+'.join(cache.modalities)} tower "
+        f"({what} runs through it once); per item {per}; cap "
+        f"{max_mb:g} MiB (train.feature_cache_max_mb)"
+    )
 
 
 def _check_trainable(components: Any, strategy: str) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from commit_mllm.models.encoders import AudioEncoder, VisionEncoder, _dtype, build_hf_config
+from commit_mllm.models.feature_cache import FeatureCache, check_cacheable
 from commit_mllm.models.lora import LoRASettings, apply_lora, freeze_module, unwrap_peft
 from commit_mllm.models.projectors import ProjectorConfig, build_projector
 
@@ -263,6 +264,8 @@ class MultimodalLM(nn.Module):
         if self.vision_encoder is None and self.audio_encoder is None:
             raise ValueError("MLLMConfig needs a vision or an audio encoder")
         self._configure_trainable()
+        self.feature_cache: FeatureCache | None = None
+        """Frozen-tower outputs reused by :meth:`encode` (see :meth:`enable_feature_cache`)."""
 
     # ------------------------------------------------------------------ construction
     def _configure_trainable(self) -> None:
@@ -314,7 +317,43 @@ class MultimodalLM(nn.Module):
                 feats[f"{m}_lengths"] = lengths
         return feats
 
+    def enable_feature_cache(
+        self, max_bytes: int | None = None, modalities: list[str] | None = None
+    ) -> FeatureCache:
+        """Compute each frozen tower's output once per media item and reuse it.
+
+        From now on :meth:`encode` (training forward, lookaheads, generation) looks every
+        row's tower output up by the content of its input (see
+        :mod:`commit_mllm.models.feature_cache`); projectors still run on every row.
+
+        Args:
+            max_bytes: Cap on the stored outputs (None = no cap).
+            modalities: The towers to cache (default: every modality of the model).
+
+        Returns:
+            The cache (also :attr:`feature_cache`).
+
+        Raises:
+            ValueError: A tower is not frozen or not deterministic in training mode; one line
+                naming ``train.cache_frozen_features``.
+        """
+        modalities = list(modalities or self.modalities)
+        for m in modalities:
+            reason = check_cacheable(m, getattr(self, f"{m}_encoder"))
+            if reason is not None:
+                raise ValueError(reason)
+        self.feature_cache = FeatureCache(modalities, max_bytes)
+        return self.feature_cache
+
     def _run_encoder(
+        self, modality: str, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = self.feature_cache
+        if cache is not None and modality in cache.modalities:
+            return cache.encode(modality, batch, self._run_tower)
+        return self._run_tower(modality, batch)
+
+    def _run_tower(
         self, modality: str, batch: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if modality == "vision":
