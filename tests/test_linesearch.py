@@ -95,25 +95,46 @@ def test_measured_losses_match_an_independent_computation():
     assert all(torch.equal(p, n) for p, n in zip(model[0].parameters(), now))  # left as it was
 
 
-def _m(alpha: float, name: str = "encoder") -> LineSearchMeasurement:
-    return LineSearchMeasurement(0, (0.5, 1.0, 2.0), {name: [1.0, 1.0, 1.0]}, {name: alpha}, 10)
+def _m(vertex: float, name: str = "encoder") -> LineSearchMeasurement:
+    """A measurement whose loss curve is a parabola with its vertex at ``vertex``."""
+    alphas = (0.5, 1.0, 2.0)
+    losses = [(a - vertex) ** 2 + 5.0 for a in alphas]
+    return LineSearchMeasurement(0, alphas, {name: losses}, {name: vertex}, 10)
 
 
-def test_cuts_move_faster_than_raises_and_the_anchor_stays_put():
-    ctl = LineSearchController(["encoder", "llm"], "llm", gain=0.25, cut_gain=0.5)
-    ctl.observe(_m(4.0))
+def test_raises_and_cuts_move_log_f_by_their_gains_and_the_anchor_stays_put():
+    ctl = LineSearchController(["encoder", "llm"], "llm", gain=0.25, cut_gain=0.5, smoothing=1)
+    ctl.observe(_m(30.0))  # clipped to 4
     assert ctl.log_f["encoder"] == pytest.approx(0.25 * math.log(4.0))
-    ctl.observe(_m(0.25))
+    ctl.observe(_m(-30.0))  # clipped to 1/4
     assert ctl.log_f["encoder"] == pytest.approx(0.25 * math.log(4.0) + 0.5 * math.log(0.25))
     assert ctl.factors["llm"] == 1.0 and ctl.steered == ["encoder"]
-    ctl.observe(_m(4.0), adjusting=False)  # warmup: counted, not applied
-    assert ctl.estimates == 3
-    assert ctl.log_f["encoder"] == pytest.approx(0.25 * math.log(4.0) + 0.5 * math.log(0.25))
+    before = ctl.log_f["encoder"]
+    ctl.observe(_m(30.0), adjusting=False)  # warmup: the curve counts, the factor holds
+    assert ctl.estimates == 3 and ctl.log_f["encoder"] == before
+
+
+def test_alpha_star_is_the_vertex_of_the_averaged_curves():
+    ctl = LineSearchController(["encoder", "llm"], "llm", smoothing=2.0)
+    ctl.observe(_m(0.5), adjusting=False)
+    assert ctl.alpha["encoder"] == pytest.approx(0.5)  # the first curve as it is
+    ctl.observe(_m(2.0), adjusting=False)  # mean of two equal-curvature parabolas
+    assert ctl.alpha["encoder"] == pytest.approx(1.25)
+
+
+def test_equal_gains_do_not_drift_on_a_symmetric_signal():
+    ctl = LineSearchController(["encoder", "llm"], "llm", smoothing=1)
+    for _ in range(10):
+        ctl.observe(_m(0.5))
+        ctl.observe(_m(2.0))
+    assert ctl.log_f["encoder"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_factor_held_at_its_bound_is_reported_until_it_leaves_it():
-    ctl = LineSearchController(["encoder", "llm"], "llm", gain=1.0, cut_gain=1.0, max_raise=3.0)
-    ctl.observe(_m(4.0))
+    ctl = LineSearchController(
+        ["encoder", "llm"], "llm", gain=1.0, cut_gain=1.0, max_raise=3.0, smoothing=1
+    )
+    ctl.observe(_m(30.0))
     assert ctl.factors["encoder"] == pytest.approx(3.0)
     assert ctl.at_bound == {"encoder": "ceiling"}
     ctl.observe(_m(0.5))
@@ -121,6 +142,7 @@ def test_a_factor_held_at_its_bound_is_reported_until_it_leaves_it():
     again = LineSearchController(["encoder", "llm"], "llm")
     again.load_state_dict(ctl.state_dict())
     assert again.factors == ctl.factors and again.estimates == ctl.estimates
+    assert again.curves == ctl.curves and again.alpha == ctl.alpha
 
 
 def test_settings_are_validated_with_the_key_named():
@@ -158,5 +180,6 @@ def test_the_search_itself_leaves_training_untouched(tmp_path, monkeypatch):
     assert [r["step"] for r in searched] == [3, 7]  # after each estimate (every 4), not the last
     assert "alpha_star/llm" not in searched[0]  # the anchor is not searched
     f = searched[0]["alpha_star/encoder"]
-    want = math.exp((0.3 if f >= 1 else 0.6) * math.log(f))
+    assert f == pytest.approx(searched[0]["alpha_raw/encoder"])  # the first curve as it is
+    want = math.exp(0.3 * math.log(f))
     assert searched[0]["factor/encoder"] == pytest.approx(want)

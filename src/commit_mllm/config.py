@@ -595,6 +595,7 @@ FLOAT_RANGES: dict[str, FloatRange] = {
     "commit.linesearch_cut_gain": FloatRange(0.0, 1.0),
     "commit.linesearch_max_cut": _AT_LEAST_1,
     "commit.linesearch_max_raise": _AT_LEAST_1,
+    "commit.linesearch_smoothing": _AT_LEAST_1,
 }
 
 

@@ -71,6 +71,7 @@ class StepReport:
     efficiency: dict[str, float] = field(default_factory=dict)
     efficiency_z: dict[str, float] = field(default_factory=dict)
     line_search: LineSearchMeasurement | None = None
+    search_alpha: dict[str, float] = field(default_factory=dict)
     at_bound: dict[str, str] = field(default_factory=dict)
 
     def as_log(self) -> dict[str, Any]:
@@ -106,7 +107,8 @@ class StepReport:
         if self.line_search is not None:
             ls = self.line_search
             rec["heldout_ce"] = ls.losses[next(iter(ls.losses))][ls.alphas.index(1.0)]
-            rec.update({f"alpha_star/{c}": v for c, v in ls.best_alpha.items()})
+            rec.update({f"alpha_raw/{c}": v for c, v in ls.best_alpha.items()})
+            rec.update({f"alpha_star/{c}": v for c, v in self.search_alpha.items()})
         rec.update({f"at_bound/{c}": v for c, v in self.at_bound.items()})
         return rec
 
@@ -201,6 +203,7 @@ class CoMMIT:
                 max_cut=cfg.linesearch_max_cut,
                 max_raise=cfg.linesearch_max_raise,
                 factor_caps=dict(cfg.factor_caps),
+                smoothing=cfg.linesearch_smoothing,
             )
             self.paths = PathSnapshot(components, controller.steered, cfg.offload)
         elif cfg.strategy == "progress":
@@ -394,6 +397,8 @@ class CoMMIT:
         if self.paths is not None:
             report.line_search, self._line_search = self._line_search, None
             report.at_bound = dict(self.scheduler.controller.at_bound)
+            if report.line_search is not None:
+                report.search_alpha = dict(self.scheduler.controller.alpha)
         elif self.heldout:
             report.progress, self._progress = self._progress, None
             ctl = self.scheduler.controller

@@ -13,15 +13,19 @@ the path never trained on), with dropout off, for each steered component c:
 
     P_c          = theta_c(now) - theta_c(H steps ago)         (its path; others stay put)
     L_c(alpha)   = CE(theta_c(H steps ago) + alpha P_c)       alpha in {1/2, 1, 2} (settable)
-    L_c(alpha)  ~= a + b alpha + q alpha^2                    (least squares)
+    Lbar_c       = EMA over estimates of the curve L_c, weight 1/h     (h = ``smoothing``)
+    Lbar_c(alpha) ~= a + b alpha + q alpha^2                  (least squares)
     alpha*_c     = -b / (2 q) if q > 0, else the best alpha tried; clipped to [1/4, 4]
     log f_c     += g_- log alpha*_c  if alpha*_c < 1 (cut)    g_+ log alpha*_c otherwise (raise)
     log f_c      clipped to [-log m_-, log m_+]
 
 With Adam the path's length is about proportional to the rate (its steps are normalised), so
-a path best at alpha* times its length asks for alpha* times the rate; g < 1 integrates the
-noisy alpha* over estimates, and cuts are faster than raises (g_- > g_+) because a rate far
-too high wrecks a pretrained encoder within tens of steps, while one too low only loses time.
+a path best at alpha* times its length asks for alpha* times the rate. One estimate's curve is
+fitted on one small batch and its alpha* jumps between the clip limits; averaging the curves
+(least squares is linear in the losses, so this averages the fits' coefficients) before taking
+the vertex gives a stable alpha*. The gains are equal by default: with unequal ones a noisy
+alpha* that is symmetric in log drifts the factor towards the side with the larger gain (a
+measured failure: with g_- = 2 g_+ and no averaging every run ended at the floor).
 The anchor component (the LLM) keeps f = 1: its rate is the one the user set, and every other
 component's rate is found relative to it, within the range [1/m_-, m_+] around the set rate.
 A factor the rule wanted to move past its bound is held there and reported
@@ -224,16 +228,21 @@ class LineSearchController:
         max_cut: m_-; no factor goes below 1 / m_-.
         max_raise: m_+; no factor goes above m_+.
         factor_caps: A lower ceiling m_+ per component (never a limit on cuts).
+        smoothing: Time constant h, in estimates, of the average of the loss curves that
+            alpha* is fitted to (1 = each estimate on its own).
     """
 
     names: list[str]
     anchor: str | None = "llm"
     gain: float = 0.3
-    cut_gain: float = 0.6
+    cut_gain: float = 0.3
     max_cut: float = 100.0
     max_raise: float = 100.0
     factor_caps: dict[str, float] = field(default_factory=dict)
+    smoothing: float = 4.0
     log_f: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    alpha: dict[str, float] = field(default_factory=dict)
     at_bound: dict[str, str] = field(default_factory=dict)
     estimates: int = 0
 
@@ -260,19 +269,26 @@ class LineSearchController:
         """No recorded trajectory: nothing to replay."""
 
     def observe(self, m: LineSearchMeasurement, adjusting: bool = True) -> None:
-        """Move each steered factor by its gain times log alpha*, within its range.
+        """Average the loss curves, fit alpha*, move each steered factor within its range.
 
         Args:
             m: The measurement.
-            adjusting: False while the factors must hold still (warmup).
+            adjusting: False while the factors must hold still (warmup; curves still count).
         """
         if not m.tokens:
             return
         self.estimates += 1
+        w = 1.0 / max(1.0, self.smoothing)
+        for c, losses in m.losses.items():
+            old = self.curves.get(c)
+            self.curves[c] = (
+                list(losses) if old is None else [o + w * (x - o) for o, x in zip(old, losses)]
+            )
+            self.alpha[c] = best_alpha(m.alphas, self.curves[c])
         if not adjusting:
             return
         lo = -math.log(self.max_cut)
-        for c, alpha in m.best_alpha.items():
+        for c, alpha in self.alpha.items():
             hi = math.log(min(self.max_raise, self.factor_caps.get(c, self.max_raise)))
             move = math.log(alpha) * (self.cut_gain if alpha < 1 else self.gain)
             wanted = self.log_f[c] + move
@@ -290,6 +306,8 @@ class LineSearchController:
             "log_f": dict(self.log_f),
             "at_bound": dict(self.at_bound),
             "estimates": self.estimates,
+            "curves": {c: list(v) for c, v in self.curves.items()},
+            "alpha": dict(self.alpha),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -297,3 +315,5 @@ class LineSearchController:
         self.log_f = {c: float(state["log_f"][c]) for c in self.names}
         self.at_bound = dict(state.get("at_bound", {}))
         self.estimates = int(state["estimates"])
+        self.curves = {c: [float(x) for x in v] for c, v in state.get("curves", {}).items()}
+        self.alpha = {c: float(v) for c, v in state.get("alpha", {}).items()}

@@ -147,7 +147,9 @@ class CoMMITConfig:
         linesearch_alphas: For ``line_search``: path lengths tried every K steps (1 = where
             the component is; at least three distinct values).
         linesearch_gain: For ``line_search``: share of log alpha* a raise moves log f_c by.
-        linesearch_cut_gain: For ``line_search``: the same for cuts (faster than raises).
+        linesearch_cut_gain: For ``line_search``: the same for cuts.
+        linesearch_smoothing: For ``line_search``: time constant, in estimates, of the average
+            of the held-out loss curves alpha* is fitted to (1 = no averaging).
         linesearch_max_cut: For ``line_search``: no factor goes below 1 / this.
         linesearch_max_raise: For ``line_search``: no factor goes above this.
     """
@@ -197,7 +199,8 @@ class CoMMITConfig:
     progress_dense_steps: int = 48
     linesearch_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     linesearch_gain: float = 0.3
-    linesearch_cut_gain: float = 0.6
+    linesearch_cut_gain: float = 0.3
+    linesearch_smoothing: float = 4.0
     linesearch_max_cut: float = 100.0
     linesearch_max_raise: float = 100.0
 
@@ -259,6 +262,7 @@ class CoMMITConfig:
             ("linesearch_gain", 0 <= self.linesearch_gain <= 1, "a number in [0, 1]"),
             ("linesearch_cut_gain", 0 <= self.linesearch_cut_gain <= 1, "a number in [0, 1]"),
             ("linesearch_max_cut", self.linesearch_max_cut >= 1, "a number >= 1"),
+            ("linesearch_smoothing", self.linesearch_smoothing >= 1, "a number >= 1"),
             ("linesearch_max_raise", self.linesearch_max_raise >= 1, "a number >= 1"),
         ]
         for key, ok, allowed in checks:
