@@ -62,6 +62,10 @@ MUST_LEARN = frozenset({"vision-ml", "audio-ml"})
 STRATEGIES = ("constant", "commit_clr", "commit", "progress", "feature_cd", "language_cd", "ogm_ge")
 RECOMMENDED = "progress"
 TEXT_ONLY = ts.TEXT_ONLY
+SPLIT = "+split"
+"""A strategy name ending in this runs with the projector as its own component at the LLM's
+rate, the ratio setting the pretrained tower's rate alone (``constant+split`` at 0.2 is
+LLaVA-OneVision's recipe)."""
 BASELINE_REGIMES = {"frozen": "BC", "llava-ov": "BC", "ldog": "ABC"}
 """Where each recipe is run. Regime A's tower is frozen anyway: there ``llava-ov`` is the same
 recipe as ``frozen``, and ``frozen`` is constant's run at ratio 1 (:func:`frozen_in_a`)."""
@@ -161,6 +165,10 @@ def run_command(
         ovr += ["commit.strategy=constant", "data.blind=true"]
     elif strategy in ts.BASELINES:
         ovr += baseline_overrides(strategy, eta)
+    elif strategy.endswith(SPLIT):
+        # the fresh projector its own component at the LLM's rate; the ratio sets the tower's
+        base = strategy.removesuffix(SPLIT)
+        ovr += [f"commit.strategy={base}", "projector_side=own", f"train.projector_lr={eta!r}"]
     else:
         ovr.append(f"commit.strategy={strategy}")
     ovr += [*grid.overrides, *grid.run_overrides.get(strategy, ())]

@@ -98,6 +98,15 @@ def test_an_earlier_grids_runs_join_without_duplicates():
     assert merged[-1]["reused"] is True
 
 
+def test_a_split_strategy_gives_the_projector_the_llms_rate_and_the_tower_the_ratio(tmp_path):
+    grid = testbed.Grid(parts="tiny")
+    eta = testbed.llm_lr(testbed.config_path(grid, "vision", "B"))
+    args = _args(testbed.run_command(grid, "vision", "B", "progress+split", 0.1, 0, tmp_path))
+    assert args["commit.strategy"] == "progress" and args["projector_side"] == "own"
+    assert float(args["train.projector_lr"]) == eta
+    assert float(args["train.encoder_lr"]) == pytest.approx(0.1 * eta)
+
+
 def test_the_default_ratio_axis_spans_four_decades():
     assert testbed.FULL.ratios == (0.01, 0.1, 1.0, 10.0, 100.0)
 
