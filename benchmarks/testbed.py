@@ -318,9 +318,16 @@ def frozen_in_a(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def run_grid(grid: Grid, root: Path, n_jobs: int, log=print) -> list[dict[str, Any]]:
-    """Run (or reuse) every job, ``n_jobs`` processes at a time; one record per run."""
+def run_grid(
+    grid: Grid, root: Path, n_jobs: int, log=print, collect: bool = False
+) -> list[dict[str, Any]]:
+    """Run (or reuse) every job, ``n_jobs`` processes at a time; one record per run.
+
+    With ``collect`` nothing is trained: only the runs already finished are read.
+    """
     todo = jobs(grid, root)
+    if collect:
+        todo = [j for j in todo if (j["run_dir"] / "summary.json").is_file()]
     t0, done, lock = time.perf_counter(), [], threading.Lock()
 
     def go(job):
@@ -457,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tag = args.tag or ("quick" if args.quick else "quick-ml" if args.quick_ml else grid.parts)
     root = Path(args.runs) / tag
     t0 = time.perf_counter()
-    rows = run_grid(grid, root, args.jobs)
+    rows = run_grid(grid, root, args.jobs, collect=args.collect)
     wall = time.perf_counter() - t0
     for path in args.extend:  # an earlier grid's runs, summarized with this one's
         rows = merge_rows(rows, json.loads(Path(path).read_text())["runs"])
@@ -508,6 +515,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--headline", action="store_true", help="write payoff to headline.json")
     p.add_argument("--results", default=str(RESULTS), help="folder of the results files")
     p.add_argument("--docs", help="a Markdown file whose testbed:TAG block gets the tables")
+    p.add_argument("--collect", action="store_true", help="train nothing: read finished runs")
     p.add_argument(
         "--extend",
         action="append",
