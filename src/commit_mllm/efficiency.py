@@ -58,13 +58,14 @@ import math
 from collections.abc import Mapping, Sequence
 
 from .progress import ProgressMeasurement
+from .scheduler import ObservedFactors
 
 __all__ = ["EfficiencyController"]
 
 _MOMENTS = ("x", "y", "xx", "yy", "xy")
 
 
-class EfficiencyController:
+class EfficiencyController(ObservedFactors):
     """Factors f_c from smoothed held-out efficiencies (see the module docstring).
 
     It has the interface :class:`~commit_mllm.scheduler.CoordinatedLR` expects of a
@@ -122,18 +123,6 @@ class EfficiencyController:
         self.weight_sq = 0.0  # sum of their squares: effective sample size weight^2 / weight_sq
         self.estimates = 0
         self.last_z: dict[str, float] = {}
-
-    @property
-    def factors(self) -> dict[str, float]:
-        """Component -> f_c."""
-        return {c: math.exp(v) for c, v in self.log_f.items()}
-
-    def update(self, *_args, **_kwargs) -> dict[str, float]:
-        """Kappa-driven updates do not apply: estimates arrive through :meth:`observe`."""
-        return self.factors
-
-    def replay_at(self, step: int) -> None:
-        """No recorded trajectory: nothing to replay."""
 
     def observe(self, m: ProgressMeasurement, steps: int, adjusting: bool = True) -> None:
         """Feed one held-out measurement taken ``steps`` training steps after the last one.

@@ -53,6 +53,7 @@ from torch import nn
 
 from .components import Components
 from .lookahead import supervised_mask
+from .scheduler import ObservedFactors
 
 __all__ = ["LineSearchController", "LineSearchMeasurement", "PathSnapshot", "best_alpha"]
 
@@ -213,7 +214,7 @@ def measure_paths(
 
 
 @dataclass
-class LineSearchController:
+class LineSearchController(ObservedFactors):
     """Factors f_c moved by log alpha*_c of each held-out line search.
 
     It has the interface :class:`~commit_mllm.scheduler.CoordinatedLR` expects of a
@@ -255,18 +256,6 @@ class LineSearchController:
     def steered(self) -> list[str]:
         """The components whose factor the rule moves."""
         return [c for c in self.names if c != self.anchor]
-
-    @property
-    def factors(self) -> dict[str, float]:
-        """Component -> f_c."""
-        return {c: math.exp(v) for c, v in self.log_f.items()}
-
-    def update(self, *_args, **_kwargs) -> dict[str, float]:
-        """Kappa-driven updates do not apply: measurements arrive through :meth:`observe`."""
-        return self.factors
-
-    def replay_at(self, step: int) -> None:
-        """No recorded trajectory: nothing to replay."""
 
     def observe(self, m: LineSearchMeasurement, adjusting: bool = True) -> None:
         """Average the loss curves, fit alpha*, move each steered factor within its range.

@@ -49,6 +49,7 @@ __all__ = [
     "SCHEDULES",
     "CoordinatedLR",
     "FactorController",
+    "ObservedFactors",
     "integral_gain",
     "project_log_factors",
     "shared_schedule",
@@ -132,6 +133,28 @@ def project_log_factors(
             hi = mid
     s = 0.5 * (lo + hi)
     return {c: min(max(log_f[c] - s, -limits[c]), limits[c]) for c in names}
+
+
+class ObservedFactors:
+    """What :class:`CoordinatedLR` reads of a controller whose measurements arrive on their own.
+
+    The held-out rules (``progress``, ``line_search``) keep ``log_f`` (component -> log f_c)
+    and move it in their ``observe``; kappa-driven updates and replay do not apply to them.
+    """
+
+    log_f: dict[str, float]
+
+    @property
+    def factors(self) -> dict[str, float]:
+        """Component -> f_c."""
+        return {c: math.exp(v) for c, v in self.log_f.items()}
+
+    def update(self, *_args, **_kwargs) -> dict[str, float]:
+        """Kappa-driven updates do not apply: measurements arrive through ``observe``."""
+        return self.factors
+
+    def replay_at(self, step: int) -> None:
+        """No recorded trajectory: nothing to replay."""
 
 
 class FactorController:
