@@ -88,6 +88,15 @@ def test_demo_writes_its_table_and_fills_the_readme(tmp_path, capsys):
     # The fingerprint moves with the settings and the strategies.
     assert demo_fingerprint("easy-vqa") != demo_fingerprint("easy-vqa", ["constant"])
     assert demo_fingerprint("easy-vqa") != demo_fingerprint("easy-vqa", overrides=["train.lr=1e-2"])
+    # A strategy's own settings move it only when the demo runs that strategy.
+    two = ["constant", "progress"]
+    gain = ["commit.linesearch_gain=0.1"]
+    assert demo_fingerprint("easy-vqa", two) == demo_fingerprint("easy-vqa", two, gain)
+    assert demo_fingerprint("easy-vqa", ["line_search"]) != demo_fingerprint(
+        "easy-vqa", ["line_search"], gain
+    )
+    cut = ["commit.progress_max_cut=10"]
+    assert demo_fingerprint("easy-vqa", two) != demo_fingerprint("easy-vqa", two, cut)
 
 
 def test_update_readme_needs_the_markers(tmp_path):

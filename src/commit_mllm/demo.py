@@ -103,6 +103,15 @@ def demo_config(task: str, overrides: Sequence[str] = ()) -> RunConfig:
     return cfg
 
 
+_OWN_SETTINGS = {
+    "progress": ("progress",),
+    "linesearch": ("line_search",),
+    "cd": ("feature_cd", "language_cd"),
+    "ogm": ("ogm_ge",),
+}
+"""Prefix of a ``CoMMITConfig`` field -> the strategies that read it."""
+
+
 def demo_fingerprint(
     task: str, strategies: Sequence[str] = DEMO_STRATEGIES, overrides: Sequence[str] = ()
 ) -> str:
@@ -115,7 +124,11 @@ def demo_fingerprint(
     settings = apply_overrides(demo_settings(task), overrides)
     settings["run"].pop("output_dir", None)
     commit = demo_config(task, overrides).commit.to_dict()
-    settings["commit"] = {k: v for k, v in commit.items() if k != "strategy"}
+    # A strategy's own settings count only when the demo runs that strategy.
+    unused = {p for p, owners in _OWN_SETTINGS.items() if not set(owners) & set(strategies)}
+    settings["commit"] = {
+        k: v for k, v in commit.items() if k != "strategy" and k.split("_")[0] not in unused
+    }
     text = json.dumps(
         {"task": task, "strategies": list(strategies), "settings": settings}, default=str
     )
