@@ -466,8 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run_grid(grid, root, args.jobs, collect=args.collect)
     wall = time.perf_counter() - t0
-    for path in args.extend:  # an earlier grid's runs, summarized with this one's
-        rows = merge_rows(rows, json.loads(Path(path).read_text())["runs"])
+    for path in args.extend:  # an earlier grid's runs of this grid's cells join its summary
+        earlier = json.loads(Path(path).read_text())["runs"]
+        mine = [r for r in earlier if r["task"] in grid.tasks and r["regime"] in grid.regimes]
+        rows = merge_rows(rows, mine)
     if "frozen" in grid.baselines:
         rows += frozen_in_a(rows)
     summary = ts.summarize(rows, MUST_LEARN)

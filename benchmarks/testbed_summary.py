@@ -78,6 +78,7 @@ def summarize(rows: list[dict[str, Any]], must_learn: set[str] = frozenset()) ->
             baselines["constant_best_cell"] = {
                 "mean": strategies["constant"]["best_cell"],
                 "ratio": strategies["constant"]["best_ratio"],
+                "seeds": strategies["constant"]["seeds"],
                 "std": strategies["constant"]["by_ratio"][
                     f"{strategies['constant']['best_ratio']:g}"
                 ]["std"],
@@ -282,7 +283,10 @@ def lead_table(summary: dict[str, Any]) -> list[str]:
 
 
 def _strategy_line(task: str, regime: str, s: str, v: dict[str, Any], g: dict | None) -> str:
-    accs = " / ".join(f"{x['mean']:.3f} ± {x['std']:.3f}" for x in v["by_ratio"].values())
+    accs = " / ".join(
+        f"{x['mean']:.3f} ± {x['std']:.3f}" if x["n"] > 1 else f"{x['mean']:.3f} (1 seed)"
+        for x in v["by_ratio"].values()
+    )
     tr = v.get("time_vs_constant")
     return (
         f"| {task} | {regime} | {s} | {accs} | {v['mean']:.3f} | {v['spread']:.3f} | "
@@ -296,9 +300,15 @@ def _baseline_line(task: str, regime: str, b: str, v: dict[str, Any]) -> str:
     col = "" if "collapses" not in v else str(len(v["collapses"]))
     label = f"{b} (r={v['ratio']:g})" if b == "constant_best_cell" else b
     return (
-        f"| {task} | {regime} | *{label}* | {v['mean']:.3f} ± {v['std'] or 0:.3f} | "
+        f"| {task} | {regime} | *{label}* | {_mean_std(v)} | "
         f"{v['mean']:.3f} | | | {col} | {'' if tr is None else f'{tr:.2f}x'} | baseline |"
     )
+
+
+def _mean_std(v: dict[str, Any]) -> str:
+    if len(v.get("seeds", ())) == 1:
+        return f"{v['mean']:.3f} (1 seed)"
+    return f"{v['mean']:.3f} ± {v['std'] or 0:.3f}"
 
 
 def markdown(summary: dict[str, Any], grid: Any, wall: float, rows=()) -> str:
