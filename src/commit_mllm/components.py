@@ -35,6 +35,7 @@ __all__ = [
     "Components",
     "check_param_groups",
     "component_grad_norms",
+    "norms_from_squares",
 ]
 
 
@@ -298,11 +299,34 @@ def component_grad_norms(
         # One fused call per component (norms in float32), one host transfer in all.
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
         sq.append(norms.double().square().sum().cpu())
-    if not sq:
+    return norms_from_squares(components, sq, all_reduce)
+
+
+def norms_from_squares(
+    components: Components,
+    squares: list[torch.Tensor],
+    all_reduce: Callable[[torch.Tensor], Any] | None = None,
+    replicated: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Component -> sqrt of its summed squares, the partial sums added over ranks.
+
+    Args:
+        components: The components, in the order of ``squares``.
+        squares: Per component, a scalar float64 sum of squares held by this rank.
+        all_reduce: In-place SUM all-reduce over ranks (None: one process).
+        replicated: Per component, a sum every rank holds whole (added once, not reduced).
+
+    Returns:
+        Component name -> the L2 norm; empty when there are no components.
+    """
+    if not squares:
         return {}
-    total = torch.stack(sq)
+    total = torch.stack(squares)
     if all_reduce is not None:
         device = next((p.device for c in components for p in c.params), total.device)
         total = total.to(device)
         all_reduce(total)
+        total = total.cpu()
+    if replicated is not None:
+        total = torch.stack(replicated) + total
     return {c.name: math.sqrt(float(v)) for c, v in zip(components, total.tolist())}

@@ -28,13 +28,12 @@ the Trainer's optimizer (one named group per component) and the Trainer's schedu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
-from ..components import Components
+from ..components import Components, norms_from_squares
 from ..strategies import CoMMITConfig
 
 __all__ = [
@@ -219,13 +218,4 @@ def zero_grad_norms(
                 frag += g.detach().float().pow(2).sum().double().cpu()
         shared.append(rep)
         parts.append(frag)
-    if not parts:
-        return {}
-    partial = torch.stack(parts)
-    if all_reduce is not None:
-        device = next((p.device for c in components for p in c.params), partial.device)
-        partial = partial.to(device)
-        all_reduce(partial)
-        partial = partial.cpu()
-    total = torch.stack(shared) + partial
-    return {c.name: math.sqrt(float(v)) for c, v in zip(components, total.tolist())}
+    return norms_from_squares(components, parts, all_reduce, replicated=shared)

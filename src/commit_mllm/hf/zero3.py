@@ -37,14 +37,13 @@ branch.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..components import Components
+from ..components import Components, norms_from_squares
 from ..snapshot import NEW, ParameterSnapshot
 
 __all__ = ["Zero3Snapshot", "install_zero3", "is_zero3_param", "partition", "zero3_grad_norms"]
@@ -173,15 +172,7 @@ def zero3_grad_norms(
             if g is not None:
                 total += g.detach().float().pow(2).sum().double().cpu()
         sums.append(total)
-    if not sums:
-        return {}
-    stats = torch.stack(sums)
-    if all_reduce is not None:
-        device = next((p.device for c in components for p in c.params), stats.device)
-        stats = stats.to(device)
-        all_reduce(stats)
-        stats = stats.cpu()
-    return {c.name: math.sqrt(float(v)) for c, v in zip(components, stats.tolist())}
+    return norms_from_squares(components, sums, all_reduce)
 
 
 def install_zero3(
