@@ -275,7 +275,12 @@ def test_fsdp_is_refused_before_the_first_step(tmp_path):
 @pytest.mark.parametrize(
     ("config", "commit", "match"),
     [
-        ({"zero_optimization": {"stage": 3}}, {}, r"ZeRO-3: .*use ZeRO stage 2"),
+        ({"zero_optimization": {"stage": 3}}, {"strategy": "line_search"}, r"use ZeRO-2 or DDP"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+            {},
+            r"offload_param\.device to 'cpu' or 'none'",
+        ),
         ({"optimizer": {"type": "AdamW"}}, {}, r"remove the 'optimizer' section"),
         ({"scheduler": {"type": "WarmupLR"}}, {}, r"remove the 'scheduler' section"),
         ({"zero_optimization": {"stage": 2}}, {"strategy": "ogm_ge"}, r"'ogm_ge' edits grad"),
