@@ -104,9 +104,9 @@ class StepReport:
             rec.update({f"dL/{c}": v for c, v in self.progress.dL.items()})
         rec.update({f"efficiency/{c}": v for c, v in self.efficiency.items()})
         rec.update({f"efficiency_z/{c}": v for c, v in self.efficiency_z.items()})
-        if self.line_search is not None:
+        if self.line_search is not None and self.line_search.losses:
             ls = self.line_search
-            rec["heldout_ce"] = ls.losses[next(iter(ls.losses))][ls.alphas.index(1.0)]
+            rec["heldout_ce"] = next(iter(ls.losses.values()))[ls.alphas.index(1.0)]
             rec.update({f"alpha_raw/{c}": v for c, v in ls.best_alpha.items()})
             rec.update({f"alpha_star/{c}": v for c, v in self.search_alpha.items()})
         rec.update({f"at_bound/{c}": v for c, v in self.at_bound.items()})
