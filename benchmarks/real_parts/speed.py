@@ -54,15 +54,10 @@ def plain_steps(cfg, steps: int) -> dict:
     for step in range(steps + 1):  # the first step warms up (allocations) and is dropped
         rows = [a.train_set[(step * bsz + j) % len(a.train_set)] for j in range(bsz)]
         batch = {k: v for k, v in a.collator(rows).items() if isinstance(v, torch.Tensor)}
-        w0, c0 = _clock()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        w1, c1 = _clock()
+        wall, cpu = _timed_step(model, batch, opt)
         if step:
-            walls.append(w1 - w0)
-            cpus.append(c1 - c0)
+            walls.append(wall)
+            cpus.append(cpu)
             lengths.append(int(batch["attention_mask"].sum(1).float().mean()))
             supervised.append(int((batch["labels"] != -100).sum()))
     with torch.no_grad():
@@ -75,6 +70,17 @@ def plain_steps(cfg, steps: int) -> dict:
         "media_tokens_per_sample": media,
         "supervised_tokens_per_batch": round(statistics.mean(supervised), 1),
     }
+
+
+def _timed_step(model, batch: dict, opt) -> tuple[float, float]:
+    """One forward + backward + AdamW step; its (wall, CPU) seconds."""
+    w0, c0 = _clock()
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    w1, c1 = _clock()
+    return w1 - w0, c1 - c0
 
 
 def plain_steps_cached(cfg, steps: int) -> dict:
@@ -101,15 +107,10 @@ def plain_steps_cached(cfg, steps: int) -> dict:
         arms = ("uncached", "cached") if step % 2 == 0 else ("cached", "uncached")
         for arm in arms:
             model.feature_cache = cache if arm == "cached" else None
-            w0, c0 = _clock()
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            w1, c1 = _clock()
+            wall, cpu = _timed_step(model, batch, opt)
             if step:
-                times[arm]["wall"].append(w1 - w0)
-                times[arm]["cpu"].append(c1 - c0)
+                times[arm]["wall"].append(wall)
+                times[arm]["cpu"].append(cpu)
     out = {
         arm: {
             "wall_s": round(statistics.median(t["wall"]), 3),

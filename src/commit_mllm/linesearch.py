@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .components import Components
-from .lookahead import supervised_mask
+from .progress import ce_sum, eval_mode, supervised_targets
 from .scheduler import ObservedFactors
 
 __all__ = ["LineSearchController", "LineSearchMeasurement", "PathSnapshot", "best_alpha"]
@@ -149,12 +149,12 @@ class PathSnapshot:
                 p.copy_(n)
 
 
-def _ce_sum(model: nn.Module, forward_fn: Callable, batch: Mapping[str, Any]) -> torch.Tensor:
+def _ce_and_tokens(
+    model: nn.Module, forward_fn: Callable, batch: Mapping[str, Any]
+) -> torch.Tensor:
     """[sum of CE over the supervised tokens, token count] in float64."""
-    logits = forward_fn(model, batch)
-    labels = batch["labels"]
-    targets = labels[:, 1:][supervised_mask(labels)]
-    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").double()
+    targets = supervised_targets(batch)
+    ce = ce_sum(forward_fn(model, batch), targets, torch.float32)
     return torch.stack([ce, torch.tensor(float(targets.numel()), dtype=torch.float64)])
 
 
@@ -182,18 +182,14 @@ def measure_paths(
     Returns:
         The measurement; parameters, buffers and the training mode are left as they were.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        ref = _ce_sum(model, forward_fn, batch)
+    with eval_mode(model):
+        ref = _ce_and_tokens(model, forward_fn, batch)
         sums = [ref]
         for name in path.names:
             for alpha in alphas:
                 if alpha != 1.0:
                     with path.at(name, alpha):
-                        sums.append(_ce_sum(model, forward_fn, batch))
-    finally:
-        model.train(was_training)
+                        sums.append(_ce_and_tokens(model, forward_fn, batch))
     flat = torch.stack([s.to(ref.device) for s in sums])  # [n, 2]
     if all_reduce is not None:
         all_reduce(flat)

@@ -71,13 +71,14 @@ class ProgressMeasurement:
         return {c: -self.dL[c] / max(d, eps) for c, d in self.D.items() if c not in self.flags}
 
 
-def _targets(batch: Mapping[str, Any]) -> torch.Tensor:
+def supervised_targets(batch: Mapping[str, Any]) -> torch.Tensor:
+    """[T] the labels at the supervised positions (the order of the meter's logits)."""
     labels = batch["labels"]
     return labels[:, 1:][supervised_mask(labels)]
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off and frozen normalisation statistics: the loss of the model itself."""
     was_training = model.training
     model.eval()
@@ -87,7 +88,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def ce_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cross-entropy of [T, V] logits against [T] targets, summed, computed in ``dtype``."""
     return torch.nn.functional.cross_entropy(logits.to(dtype), targets, reduction="sum").double()
 
 
@@ -134,8 +136,8 @@ def measure_progress(
     flags.update({c: "zero_update" for c in zero})
     flags.update({c.name: "zero_update" for c in meter.components if c.name not in norms})
     moving = [c.name for c in meter.components if c.name not in flags]
-    targets = _targets(batch)
-    with meter.lookahead.preserved(), _eval_mode(meter.model):
+    targets = supervised_targets(batch)
+    with meter.lookahead.preserved(), eval_mode(meter.model):
         sums = _branch_sums(meter, batch, targets, moving)
     if meter.all_reduce is not None:
         meter.all_reduce(sums)
@@ -163,7 +165,7 @@ def _branch_sums(
         else:
             features = None
             ref = la.forward_fn(meter.model, batch)
-    out = [_ce_sum(ref, targets, dtype)]
+    out = [ce_sum(ref, targets, dtype)]
     for name in moving:
         use_cache = features is not None and name not in la.encoder_side
         with meter.saved.at([c for c in everyone if c != name]), la.autocast():
@@ -171,6 +173,6 @@ def _branch_sums(
                 logits = meter.model.decode(batch, features)
             else:
                 logits = la.forward_fn(meter.model, batch)
-        out += [kl_sum(ref, logits, meter.kl_chunk, dtype), _ce_sum(logits, targets, dtype)]
+        out += [kl_sum(ref, logits, meter.kl_chunk, dtype), ce_sum(logits, targets, dtype)]
     out.append(torch.tensor(float(targets.numel()), dtype=torch.float64, device=ref.device))
     return torch.stack([x.to(ref.device, torch.float64) for x in out])
