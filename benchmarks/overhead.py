@@ -49,9 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead_quality as quality
 from commit_mllm import CoMMIT, CoMMITConfig, Components
-from commit_mllm.assembly import TINY_CLIP, TINY_LLM
-from commit_mllm.balance import supervised_mask
 from commit_mllm.data import Collator, train_tiny_tokenizer
+from commit_mllm.method.balance import supervised_mask
 from commit_mllm.models import LoRASettings, component_prefixes
 from commit_mllm.models.mllm import (
     LLMConfig,
@@ -60,6 +59,7 @@ from commit_mllm.models.mllm import (
     VisionEncoderConfig,
 )
 from commit_mllm.tasks import load_task, task_texts
+from commit_mllm.training.assembly import TINY_CLIP, TINY_LLM
 
 grid_name = quality.grid_name
 MODES = ("lora", "full")

@@ -241,7 +241,7 @@ def _closed_loop_run(job: tuple[str, float, int, int, str, tuple[str, ...]]) -> 
 
 
 def _records(out: Path) -> list[dict[str, Any]]:
-    from commit_mllm.tracking import read_jsonl
+    from commit_mllm.training.tracking import read_jsonl
 
     return [r for r in read_jsonl(out / "metrics.jsonl") if "ce" in r]
 

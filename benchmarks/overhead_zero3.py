@@ -257,4 +257,4 @@ if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # see tests/test_hf_distributed.py: a DeepSpeed thread can abort the exit
+    os._exit(0)  # see tests/hf/test_hf_distributed.py: a DeepSpeed thread can abort the exit

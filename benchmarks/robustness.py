@@ -110,8 +110,8 @@ def train_one(task: str, overrides: Sequence[str], out: Path) -> dict[str, Any]:
     """Train one run (or read it back when ``summary.json`` exists)."""
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    from commit_mllm.config import load_config
-    from commit_mllm.trainer import train
+    from commit_mllm.training.config import load_config
+    from commit_mllm.training.trainer import train
 
     cfg = load_config(ROOT / CONFIGS[task], list(overrides))
     return train(cfg, log=lambda _msg: None)
@@ -128,7 +128,7 @@ def smoothed(values: Sequence[float], window: int) -> np.ndarray:
 
 def run_metrics(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Accuracy, loss AUC, CE curve and kappa statistics of one finished run."""
-    from commit_mllm.tracking import read_jsonl
+    from commit_mllm.training.tracking import read_jsonl
 
     recs = [r for r in read_jsonl(out / "metrics.jsonl") if "ce" in r]
     ce = [r["ce"] for r in recs]
@@ -413,7 +413,7 @@ def compare_reports(rows: list[dict], grid: Grid, tag: str, root: Path) -> None:
     """
     import shutil
 
-    from commit_mllm.report import write_compare_report
+    from commit_mllm.reporting.report import write_compare_report
 
     for task in grid.tasks:
         for ratio in grid.ratios:

@@ -257,7 +257,7 @@ def _key(job: dict[str, Any]) -> dict[str, Any]:
 
 def read_run(d: Path) -> dict[str, Any]:
     """Accuracy, CE, eval curve, kappa and factors of one finished run."""
-    from commit_mllm.tracking import read_jsonl
+    from commit_mllm.training.tracking import read_jsonl
 
     summary = json.loads((d / "summary.json").read_text())
     recs = [r for r in read_jsonl(d / "metrics.jsonl") if "ce" in r]

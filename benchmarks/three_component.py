@@ -7,7 +7,7 @@ MLP projectors. Components (``component_prefixes``): ``vision``, ``audio``, ``ll
 projector with its encoder. For each strategy (constant, commit) the same seeds train with
 the :class:`~commit_mllm.CoMMIT` facade in a plain loop (the trainer's ``assemble`` builds
 one modality only), logging the trainer's record format, so the run folders work with
-``commit_mllm.report`` and ``commit_mllm.plotting``.
+``commit_mllm.reporting.report`` and ``commit_mllm.reporting.plotting``.
 
 Usage::
 
@@ -84,10 +84,10 @@ def random_parts(n_train: int, n_test: int, seed: int) -> Parts:
     import transformers
     from transformers import WhisperFeatureExtractor
 
-    from commit_mllm.assembly import tiny_random_mllm
     from commit_mllm.data import train_tiny_tokenizer
     from commit_mllm.tasks import task_texts
     from commit_mllm.tasks.tones_shapes import texts
+    from commit_mllm.training.assembly import tiny_random_mllm
 
     mcfg = tiny_random_mllm("image")
     mcfg.audio = tiny_random_mllm("audio").audio
@@ -143,8 +143,8 @@ def train_run(
     Returns:
         The summary, with ``records`` (the per-step logs) attached.
     """
-    from commit_mllm.balance import supervised_mask
-    from commit_mllm.trainer import BatchOrder
+    from commit_mllm.method.balance import supervised_mask
+    from commit_mllm.training.trainer import BatchOrder
 
     model, optimizer, components, commit = build_model(
         parts, strategy, steps, seed, lr, **commit_kw
@@ -179,7 +179,7 @@ def train_run(
 
 
 def _summary(parts, model, strategy, seed, steps, records, seconds) -> dict[str, Any]:
-    from commit_mllm.evaluation import evaluate
+    from commit_mllm.evaluation.generate import evaluate
 
     result, _ = evaluate(model, parts.collator, parts.test, 64, 4, "cpu")
     tail = records[-max(1, len(records) // 10) :]
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.setdefault(strategy, []).append(train_run(parts, strategy, args.steps, seed, out))
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot_kappa_c(runs, RESULTS / "three_component_kappa.png")
-    from commit_mllm.report import write_compare_report
+    from commit_mllm.reporting.report import write_compare_report
 
     dirs = [Path(args.runs) / st / f"s{s['seed']}" for st, v in runs.items() for s in v]
     report = write_compare_report(dirs, Path(args.runs) / "compare")

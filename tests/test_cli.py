@@ -7,7 +7,7 @@ import pytest
 from commit_mllm.cli import main
 from commit_mllm.demo import DEMO_TASKS
 from commit_mllm.formats import FORMATS
-from commit_mllm.strategies import STRATEGIES
+from commit_mllm.method.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -114,7 +114,7 @@ def test_ctrl_c_in_the_demo_keeps_a_checkpoint_and_says_how_to_resume(
     import os
     import signal
 
-    import commit_mllm.trainer as trainer
+    import commit_mllm.training.trainer as trainer
 
     def interrupt_at(name):
         if name == "step:4":  # Ctrl-C during the fifth step of the first strategy

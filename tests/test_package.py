@@ -43,7 +43,7 @@ def test_public_api_is_exported_and_documented():
 
 
 def test_readme_yaml_example_validates(tmp_path):
-    from commit_mllm.config import load_config
+    from commit_mllm.training.config import load_config
 
     text = (ROOT / "README.md").read_text()
     (block,) = re.findall(r"```yaml\n(.*?)```", text, re.S)

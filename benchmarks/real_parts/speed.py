@@ -45,7 +45,7 @@ def plain_steps(cfg, steps: int) -> dict:
     """Forward + backward + AdamW on the config's model and data (no kappa)."""
     import torch
 
-    from commit_mllm.assembly import assemble
+    from commit_mllm.training.assembly import assemble
 
     a = assemble(cfg, log=lambda _m: None)
     model = a.model.train()
@@ -87,7 +87,7 @@ def plain_steps_cached(cfg, steps: int) -> dict:
     """:func:`plain_steps` with and without the feature cache, step by step interleaved."""
     import torch
 
-    from commit_mllm.assembly import assemble
+    from commit_mllm.training.assembly import assemble
 
     a = assemble(cfg, log=lambda _m: None)
     model = a.model.train()
@@ -131,8 +131,8 @@ def trainer_steps_cached(
     Each round runs both arms for 1 and ``steps + 1`` steps, alternating which arm goes
     first; the figure per arm is the median over rounds of (long - short) / steps.
     """
-    from commit_mllm.config import load_config
-    from commit_mllm.trainer import train
+    from commit_mllm.training.config import load_config
+    from commit_mllm.training.trainer import train
 
     per_step: dict[str, dict[str, list[float]]] = {
         arm: {"wall_s": [], "cpu_s": []} for arm in ("uncached", "cached")
@@ -193,8 +193,8 @@ def _ratios(arms: dict) -> dict:
 
 def trainer_steps(config: str, overrides: list[str], steps: int) -> dict:
     """``train()`` for ``steps`` and for 1 step; the difference per extra step."""
-    from commit_mllm.config import load_config
-    from commit_mllm.trainer import train
+    from commit_mllm.training.config import load_config
+    from commit_mllm.training.trainer import train
 
     out = {}
     for n in (1, steps + 1):
@@ -226,7 +226,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from commit_mllm.config import load_config
+    from commit_mllm.training.config import load_config
 
     torch.set_num_threads(1)
     results = {}

@@ -6,7 +6,7 @@ strategies (CoMMIT and baselines) and the :class:`CoMMIT` facade for any PyTorch
 Model assembly, data, the trainer and the CLI live in subpackages that need the ``hf`` extra.
 """
 
-from .balance import (
+from .method.balance import (
     BalanceMeasurement,
     BalanceMeter,
     CachedEncoderModel,
@@ -16,18 +16,18 @@ from .balance import (
     select_rows,
     supervised_mask,
 )
-from .components import (
+from .method.components import (
     Component,
     ComponentError,
     Components,
     check_param_groups,
     component_grad_norms,
 )
-from .coordinator import CoMMIT, StepReport
-from .diagnostics import BalanceState, BalanceTracker, imbalance, target_log_weights
-from .lookahead import Lookahead, Reference
-from .regularizer import EntropyRegularizer, mean_entropy
-from .scheduler import (
+from .method.coordinator import CoMMIT, StepReport
+from .method.diagnostics import BalanceState, BalanceTracker, imbalance, target_log_weights
+from .method.lookahead import Lookahead, Reference
+from .method.regularizer import EntropyRegularizer, mean_entropy
+from .method.scheduler import (
     CONTROLS,
     SCHEDULES,
     CoordinatedLR,
@@ -35,8 +35,8 @@ from .scheduler import (
     project_log_factors,
     shared_schedule,
 )
-from .snapshot import ParameterSnapshot
-from .strategies import STRATEGIES, CoMMITConfig, Strategy
+from .method.snapshot import ParameterSnapshot
+from .method.strategies import STRATEGIES, CoMMITConfig, Strategy
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ Examples::
 A failure is one line on stderr, ``commit-mllm COMMAND: ...``, and an exit code: 2 for a
 wrong command, config or input file, 1 for a run that failed, 128 + N for a run stopped by
 signal N after writing a checkpoint (SIGINT 130, SIGTERM 143). ``--debug`` (or
-``COMMIT_MLLM_DEBUG=1``) adds the traceback. See :mod:`commit_mllm.errors`.
+``COMMIT_MLLM_DEBUG=1``) adds the traceback. See :mod:`commit_mllm.training.errors`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def _parser() -> argparse.ArgumentParser:
     from .demo import DEMO_STRATEGIES, DEMO_TASKS
     from .formats import FORMATS
-    from .strategies import STRATEGIES
+    from .method.strategies import STRATEGIES
 
     strategies = ", ".join(STRATEGIES)
     fmt = _Help
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``commit-mllm`` console script; returns the exit code.
 
     Every failure ends here: one line on stderr and an exit code (see the module docstring
-    and :mod:`commit_mllm.errors`), plus the traceback with ``--debug``.
+    and :mod:`commit_mllm.training.errors`), plus the traceback with ``--debug``.
     """
     args = _parser().parse_args(argv)
     quiet_optional_imports()
@@ -262,8 +262,8 @@ def quiet_optional_imports() -> None:
 
 def _failure(e: BaseException, args: argparse.Namespace) -> tuple[str, int]:
     """The one-line message and the exit code of a failure (the table in errors.py)."""
-    from .config import ConfigError
-    from .errors import Preempted, RunError
+    from .training.config import ConfigError
+    from .training.errors import Preempted, RunError
 
     if isinstance(e, Preempted):
         return f"{e}. {_resume_hint(e, args)}", e.exit_code
@@ -309,9 +309,9 @@ def _resume_hint(e: Any, args: argparse.Namespace) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .plotting import plot_run
-    from .trainer import train
+    from .reporting.plotting import plot_run
+    from .training.config import load_config
+    from .training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .config import ConfigError, check_local_files, config_notes, load_config
+    from .training.config import ConfigError, check_local_files, config_notes, load_config
 
     # key=value like every other command; a file whose name has '=' stays a file.
     is_override = [("=" in a and not Path(a).is_file()) for a in args.configs]
@@ -349,8 +349,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _strategy_list(text: str) -> list[str]:
     """Comma-separated strategies, each checked before any run starts."""
-    from .config import ConfigError
-    from .strategies import STRATEGIES
+    from .method.strategies import STRATEGIES
+    from .training.config import ConfigError
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STRATEGIES]
@@ -363,9 +363,9 @@ def _strategy_list(text: str) -> list[str]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .report import write_compare_report
-    from .trainer import train
+    from .reporting.report import write_compare_report
+    from .training.config import load_config
+    from .training.trainer import train
 
     strategies = _strategy_list(args.strategies)
     try:
@@ -389,7 +389,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plotting import plot_compare, plot_run
+    from .reporting.plotting import plot_compare, plot_run
 
     for run_dir in args.run_dirs:
         for path in plot_run(run_dir):
@@ -401,7 +401,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .paper_eval import run_convert
+    from .training.paper_eval import run_convert
 
     if args.coco_dir and args.media_root and args.coco_dir != args.media_root:
         raise ValueError("give --coco-dir or --media-root, not both")
@@ -411,7 +411,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .paper_eval import run_eval
+    from .training.paper_eval import run_eval
 
     run_eval(
         args.config,
@@ -426,7 +426,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .errors import Preempted
+    from .training.errors import Preempted
 
     strategies = _strategy_list(args.strategies)
     try:
@@ -467,7 +467,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from .diagnostics import describe_states
+    from .method.diagnostics import describe_states
 
     keys = ["strategy", "final_loss", "accuracy", "mean_log_kappa", "seconds"]
     keys += sorted(k for k in summary if k.startswith("accuracy/"))

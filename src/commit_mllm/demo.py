@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, apply_overrides, from_dict
+from .training.config import RunConfig, apply_overrides, from_dict
 
 __all__ = [
     "DEMO_STRATEGIES",
@@ -96,7 +96,7 @@ def demo_settings(task: str) -> dict[str, Any]:
 
 
 def demo_config(task: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """The demo's :class:`~commit_mllm.config.RunConfig` with dotted overrides applied."""
+    """The demo's :class:`~commit_mllm.training.config.RunConfig` with dotted overrides applied."""
     data = apply_overrides(demo_settings(task), overrides)
     cfg = from_dict(RunConfig, data)
     cfg.validate()
@@ -163,9 +163,9 @@ def run_demo(
             is written), after saying on stderr what was kept and how to go on.
         KeyboardInterrupt: Ctrl-C outside a training loop, after the same message.
     """
-    from .errors import Preempted
-    from .report import write_compare_report
-    from .trainer import train
+    from .reporting.report import write_compare_report
+    from .training.errors import Preempted
+    from .training.trainer import train
 
     out = Path(output_dir) / task
     print(
@@ -216,7 +216,7 @@ def run_demo(
 
 
 def _plot(run_dir: Path) -> None:
-    from .plotting import plot_run
+    from .reporting.plotting import plot_run
 
     plot_run(run_dir)
 
@@ -237,7 +237,7 @@ def _say_interrupted(
     strategy: str, run_dir: Path, finished: list[Path], cfg: RunConfig, again: str
 ) -> None:
     """One paragraph on stderr: what Ctrl-C kept and the command that goes on from there."""
-    from .checkpoint import latest_checkpoint
+    from .training.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
     kept = f" Finished runs kept: {', '.join(map(str, finished))}." if finished else ""
@@ -322,7 +322,7 @@ def update_readme(readme: str | Path, task: str, table_file: str | Path) -> None
 
 def _kappa_profile(run_dir: Path) -> tuple[float | None, float | None, dict[str, float], str]:
     """Median log kappa over the first and the last quarter, state shares, final state."""
-    from .plotting import load_run
+    from .reporting.plotting import load_run
 
     run = load_run(run_dir)
     _, kappa = run.series("kappa", positive=True)
@@ -335,7 +335,7 @@ def _kappa_profile(run_dir: Path) -> tuple[float | None, float | None, dict[str,
 
 def _table(summaries: list[dict], runs: list[Path]) -> str:
     """The demo's markdown table: one row per strategy, columns from the runs themselves."""
-    from .diagnostics import describe_states
+    from .method.diagnostics import describe_states
 
     types = sorted({k for s in summaries for k in s if k.startswith("accuracy/")})
     head = ["strategy", "final loss (CE)", "accuracy", *(t.split("/", 1)[1] for t in types)]

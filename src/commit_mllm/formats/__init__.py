@@ -14,7 +14,7 @@ and yields the project's LLaVA-style rows::
 ``meta`` carries what the dataset's metric needs (all ten TextVQA answers, A-OKVQA choices
 and direct answers, ClothoAQA per-annotator answers, every reference caption of a clip).
 :func:`load_llava` ignores it, so a converted file trains like any other LLaVA JSONL;
-:func:`commit_mllm.metrics.score` and :mod:`commit_mllm.paper_eval` read it.
+:func:`commit_mllm.evaluation.metrics.score` and :mod:`commit_mllm.training.paper_eval` read it.
 
 Entry points: :func:`convert` (dataset folder -> JSONL) and :func:`load_format` (dataset
 folder -> validated samples in memory).

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from ..components import Components
-from ..coordinator import CoMMIT, StepReport
-from ..strategies import CoMMITConfig
+from ..method.components import Components
+from ..method.coordinator import CoMMIT, StepReport
+from ..method.strategies import CoMMITConfig
 from .adapters import make_adapter, supervised_forward
 from .deepspeed import ComponentGroups, EngineStepHook, deepspeed_config, zero_grad_norms
 from .zero3 import install_zero3, zero3_grad_norms

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from ..components import Components, norms_from_squares
-from ..strategies import CoMMITConfig
+from ..method.components import Components, norms_from_squares
+from ..method.strategies import CoMMITConfig
 
 __all__ = [
     "GRADIENT_STRATEGIES",

@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
-from ..components import ComponentError, check_param_groups
+from ..method.components import ComponentError, check_param_groups
 from .callback import CoMMITCallback, TrainerSetupError
 from .deepspeed import check_deepspeed, deepspeed_config
 from .optim import commit_optimizer

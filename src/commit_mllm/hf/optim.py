@@ -9,7 +9,7 @@ carrying the component's base rate eta_c (``lr`` and ``base_lr``):
   ``Trainer.get_decay_parameter_names``), with weight decay 0.
 
 Every trainable parameter sits in exactly one group (checked by
-:func:`~commit_mllm.components.check_param_groups`), and the CoMMIT factor f_c multiplies
+:func:`~commit_mllm.method.components.check_param_groups`), and the CoMMIT factor f_c multiplies
 both groups of c alike.
 
 Base rates (METHOD.md: eta_c(t) = eta_c * s(t) * f_c(t)): a component built without its own
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..components import ComponentError, Components, check_param_groups
+from ..method.components import ComponentError, Components, check_param_groups
 
 __all__ = ["commit_optimizer", "decay_parameter_names", "resolve_lrs", "unset_lrs"]
 

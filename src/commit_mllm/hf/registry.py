@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..components import ComponentError, Components
+from ..method.components import ComponentError, Components
 
 __all__ = [
     "PARTS",

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..strategies import CoMMITConfig
+from ..method.strategies import CoMMITConfig
 
 __all__ = ["BEGIN", "END", "config_table", "docstring_attributes", "render_doc", "sync_doc"]
 

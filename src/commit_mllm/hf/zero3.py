@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..components import Components, norms_from_squares
-from ..snapshot import NEW, ParameterSnapshot
+from ..method.components import Components, norms_from_squares
+from ..method.snapshot import NEW, ParameterSnapshot
 
 __all__ = ["Zero3Snapshot", "install_zero3", "is_zero3_param", "partition", "zero3_grad_norms"]
 
@@ -70,7 +70,7 @@ def partition(p: torch.Tensor) -> torch.Tensor:
 class Zero3Snapshot(ParameterSnapshot):
     """theta_t of chosen components as this rank's ZeRO-3 partitions, and the switch.
 
-    Same interface as :class:`~commit_mllm.snapshot.ParameterSnapshot` (the balance meter
+    Same interface as :class:`~commit_mllm.method.snapshot.ParameterSnapshot` (the balance meter
     uses it unchanged). Values are always copied into the partitions (never swapped by
     storage: the engine's flat buffers own them); before a switch every gathered parameter
     of the model is released, so the next forward gathers from the partitions.
@@ -178,7 +178,7 @@ def zero3_grad_norms(
 def install_zero3(
     commit: Any, engine: Any, all_reduce: Callable[[torch.Tensor], Any] | None
 ) -> None:
-    """Make a :class:`~commit_mllm.coordinator.CoMMIT` measure on ZeRO-3 partitions.
+    """Make a :class:`~commit_mllm.method.coordinator.CoMMIT` measure on ZeRO-3 partitions.
 
     Replaces its meter's snapshot with a :class:`Zero3Snapshot` bound to the engine's
     parameter coordinator, and logs :data:`START_LINE` once.

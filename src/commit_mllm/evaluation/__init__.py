@@ -1,0 +1,1 @@
+"""Evaluation: greedy generation scored by exact match, and the paper datasets' own metrics."""
