@@ -322,7 +322,7 @@ def update_readme(readme: str | Path, task: str, table_file: str | Path) -> None
 
 def _kappa_profile(run_dir: Path) -> tuple[float | None, float | None, dict[str, float], str]:
     """Median log kappa over the first and the last quarter, state shares, final state."""
-    from .reporting.plotting import load_run
+    from .reporting.runs import load_run
 
     run = load_run(run_dir)
     _, kappa = run.series("kappa", positive=True)

@@ -10,15 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from commit_mllm.reporting.plotting import (
-    RunFormatError,
-    load_run,
-    moving_average,
-    normalized,
-    plot_compare,
-    plot_run,
-)
+from commit_mllm.reporting.plotting import plot_compare, plot_run
 from commit_mllm.reporting.report import compare_table, summarize_runs, write_compare_report
+from commit_mllm.reporting.runs import RunFormatError, load_run
+from commit_mllm.reporting.smoothing import moving_average, normalized
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_PLOTS = ["kappa.png", "lr.png", "loss.png", "grad_norms.png", "D.png"]
@@ -284,12 +279,14 @@ class _Figures:
     """Capture the figures the plot functions save (their axes are the assertion)."""
 
     def __init__(self, monkeypatch):
-        import commit_mllm.reporting.plotting as plotting
+        import importlib
 
         self.saved = {}
-        monkeypatch.setattr(
-            plotting, "_save", lambda fig, path: self.saved.update({path.name: fig})
-        )
+        for name in ("kappa", "loss", "rates", "grad_norms", "significance"):
+            module = importlib.import_module(f"commit_mllm.reporting.plot_{name}")
+            monkeypatch.setattr(
+                module, "save_figure", lambda fig, path: self.saved.update({path.name: fig})
+            )
 
 
 def test_loss_plot_is_the_ce_with_the_regularizer_term_apart(tmp_path, monkeypatch):

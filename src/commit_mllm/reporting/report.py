@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..method.diagnostics import describe_states
-from .plotting import Run, group_runs, load_run, plot_compare
+from .plotting import plot_compare
+from .runs import Run, group_runs, load_run
 
 __all__ = [
     "aggregate_summaries",
