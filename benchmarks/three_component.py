@@ -144,7 +144,7 @@ def train_run(
         The summary, with ``records`` (the per-step logs) attached.
     """
     from commit_mllm.method.balance import supervised_mask
-    from commit_mllm.training.trainer import BatchOrder
+    from commit_mllm.training.batches import BatchOrder
 
     model, optimizer, components, commit = build_model(
         parts, strategy, steps, seed, lr, **commit_kw

@@ -127,7 +127,7 @@ def test_run_config_weight_decay_zero_is_zero_not_adamw_default(tmp_path):
     from pathlib import Path
 
     from commit_mllm.training.config import load_config
-    from commit_mllm.training.trainer import setup
+    from commit_mllm.training.startup import setup
 
     tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     cfg = load_config(tiny, [f"run.output_dir={tmp_path}", "run.progress=false"])

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from commit_mllm.models import LoRASettings, MultimodalLM, VisionEncoderConfig
 from commit_mllm.training.config import ConfigError, load_config
+from commit_mllm.training.startup import setup
 from commit_mllm.training.tracking import read_jsonl
-from commit_mllm.training.trainer import setup, train
+from commit_mllm.training.trainer import train
 from test_models import CLIP, audio_batch, audio_config, vision_batch, vision_config
 
 ROOT = Path(__file__).resolve().parents[2]

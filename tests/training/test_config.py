@@ -146,7 +146,7 @@ def test_num_threads_auto_follows_the_load(monkeypatch):
 def test_training_logs_the_thread_count(tmp_path):
     import torch
 
-    from commit_mllm.training.trainer import setup
+    from commit_mllm.training.startup import setup
 
     before = torch.get_num_threads()
     try:

@@ -11,7 +11,7 @@ import torch
 
 from commit_mllm.cli import main
 from commit_mllm.training.config import ConfigError, load_config
-from commit_mllm.training.trainer import optimizer_class
+from commit_mllm.training.startup import optimizer_class
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 

@@ -15,8 +15,9 @@ from commit_mllm.cli import main
 from commit_mllm.data import DataFormatError, MediaError, load_audio
 from commit_mllm.training.config import load_config
 from commit_mllm.training.errors import NonFiniteError
+from commit_mllm.training.startup import setup
 from commit_mllm.training.tracking import read_jsonl
-from commit_mllm.training.trainer import setup, train
+from commit_mllm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -364,13 +365,13 @@ def test_a_dead_run_fails_with_one_line_naming_the_step_and_the_cause(tmp_path, 
 
 
 def test_ctrl_c_before_training_and_an_unexpected_error_are_one_line(tmp_path, capsys, monkeypatch):
-    import commit_mllm.training.trainer as trainer
+    import commit_mllm.training.startup as startup
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
     args = ["train", "--config", TINY, f"run.output_dir={tmp_path}", *QUIET]
-    monkeypatch.setattr(trainer, "assemble", interrupted)
+    monkeypatch.setattr(startup, "assemble", interrupted)
     assert main(args) == 130
     assert capsys.readouterr().err == (
         "commit-mllm train: interrupted (Ctrl-C); files already written are kept\n"
@@ -379,7 +380,7 @@ def test_ctrl_c_before_training_and_an_unexpected_error_are_one_line(tmp_path, c
     def broken(*_args, **_kwargs):
         raise TypeError("unsupported operand\ntype(s)")
 
-    monkeypatch.setattr(trainer, "assemble", broken)
+    monkeypatch.setattr(startup, "assemble", broken)
     assert main(args) == 1
     assert capsys.readouterr().err == (
         "commit-mllm train: internal error: TypeError: unsupported operand type(s) (rerun with "

@@ -235,20 +235,20 @@ def test_a_signal_in_the_last_step_saves_it_and_resume_does_the_final_evaluation
 
 
 def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, capsys, monkeypatch, request):
-    import commit_mllm.training.trainer as trainer
+    import commit_mllm.training.startup as startup
     from commit_mllm.cli import main
 
     # Python's own Ctrl-C handler, also when this process was started with SIGINT ignored
     # (a background job of a non-interactive shell)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    real = trainer.assemble
+    real = startup.assemble
 
     def slow_to_build(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the model is being built
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "assemble", slow_to_build)
+    monkeypatch.setattr(startup, "assemble", slow_to_build)
     args = ["train", "--config", TINY, f"run.output_dir={tmp_path}", "run.progress=false"]
     assert main(args) == 130
     err = capsys.readouterr().err.strip().splitlines()

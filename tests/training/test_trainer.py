@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from commit_mllm.cli import main
 from commit_mllm.training.config import ConfigError, load_config
+from commit_mllm.training.startup import setup
 from commit_mllm.training.tracking import read_jsonl
-from commit_mllm.training.trainer import setup, train
+from commit_mllm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
