@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .training.config import RunConfig, apply_overrides, from_dict
+from .training.config import RunConfig
+from .training.config_values import apply_overrides, from_dict
 
 __all__ = [
     "DEMO_STRATEGIES",

@@ -218,7 +218,7 @@ def test_refusals_name_the_key(tmp_path):
 
 
 def test_resume_may_switch_the_cache():
-    from commit_mllm.training.config import to_dict
+    from commit_mllm.training.config_values import to_dict
     from commit_mllm.training.resume import changed_settings
 
     before = to_dict(load_config(TINY))

@@ -7,17 +7,15 @@ import pytest
 
 from commit_mllm.cli import main
 from commit_mllm.training.config import (
-    FLOAT_RANGES,
     ConfigError,
     RunConfig,
     check_local_files,
     config_notes,
-    float_settings,
-    from_dict,
     load_config,
-    load_yaml,
 )
 from commit_mllm.training.config import resolve_num_threads as threads
+from commit_mllm.training.config_ranges import FLOAT_RANGES, float_settings
+from commit_mllm.training.config_values import from_dict, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -212,13 +210,13 @@ def test_validate_config_checks_local_folders_and_model_processor(tmp_path, caps
 
 def test_loaded_configs_hold_plain_python_values(tmp_path):
     """No YAML text wrapper leaks out: config.yaml, resume checks and hashes see plain types."""
-    from commit_mllm.training.config import _Plain, to_dict
+    from commit_mllm.training.config_values import PlainScalar, to_dict
 
     over = ["train.lr=1e-4", "model.mllm.llm.config={model_type: llama, rms_norm_eps: 1e-5}"]
     over += ["data.question_types=[colour]", "train.component_lrs={llm: 2e-4}"]
 
     def walk(value):
-        assert not isinstance(value, _Plain), value
+        assert not isinstance(value, PlainScalar), value
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(k)
@@ -256,7 +254,7 @@ def _out_of_range(allowed):
 def test_every_float_setting_has_a_range_and_is_checked():
     """Walks the config dataclasses: a new float field must get a range, and NaN, inf, -inf and
     a value outside the range are each a one-line error naming the key."""
-    keys = float_settings()
+    keys = float_settings(RunConfig)
     assert "train.max_grad_norm" in keys and "commit.replay.*.*" in keys
     assert sorted(keys) == sorted(FLOAT_RANGES)
     for key in keys:

@@ -21,13 +21,7 @@ float, ``no`` a string, ``null`` / ``~`` null). Quoted scalars are always string
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
 import os
-import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,26 +33,27 @@ from ..method.strategies import CoMMITConfig
 from ..models.mllm import MLLMConfig
 from ..tasks import TASKS
 from .aliases import resolve_aliases
+from .config_ranges import check_floats
+from .config_values import (
+    ConfigError,
+    ConfigLoader,
+    apply_overrides,
+    from_dict,
+)
 
 __all__ = [
-    "FLOAT_RANGES",
     "ConfigError",
     "DataConfig",
-    "FloatRange",
     "ModelConfig",
     "RunConfig",
     "RunSection",
     "TrainSection",
-    "apply_overrides",
     "check_local_files",
     "config_notes",
-    "float_settings",
-    "from_dict",
     "load_config",
-    "load_yaml",
     "resolve_num_threads",
-    "to_dict",
 ]
+
 
 PRESETS = (
     "none",
@@ -69,10 +64,6 @@ PRESETS = (
     "whisper-gemma3",
     "real",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
 
 
 @dataclass
@@ -316,7 +307,7 @@ class RunConfig:
                 section, _, name = key.rpartition(".")
                 obj = getattr(self, section) if section else self
                 raise ConfigError(f"{key} = {getattr(obj, name)!r} is invalid: use {allowed}")
-        _check_floats(self)
+        check_floats(self)
         if t.fsdp and t.mixed_precision == "fp16":
             raise ConfigError(
                 "train.mixed_precision = 'fp16' is invalid with train.fsdp = true: use bf16 or no"
@@ -407,417 +398,6 @@ def config_notes(cfg: RunConfig) -> list[str]:
     return notes
 
 
-# ---- YAML scalars read by the field's type --------------------------------------------
-class _Plain(str):
-    """An unquoted YAML scalar, kept as its text until the type of its field is known."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return repr(_core_schema(self))  # 0.001, not '0.001', in messages
-
-
-_NULL = frozenset({"", "~", "null", "Null", "NULL"})
-_TRUE = frozenset({"true", "yes", "on", "y"})
-_FALSE = frozenset({"false", "no", "off", "n"})
-_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)|0o[0-7]+|0x[0-9a-fA-F]+")
-_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?")
-_SPECIAL_FLOATS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps unquoted scalars as :class:`_Plain` text (keys as plain str).
-
-    PyYAML follows YAML 1.1 (``1e-4`` is a string there, ``no`` / ``off`` are booleans);
-    leaving the decision to the field's type reads every value as the user means it.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        mapping = super().construct_mapping(node, deep=deep)
-        return {str(k) if isinstance(k, _Plain) else k: v for k, v in mapping.items()}
-
-
-# No implicit typing of plain scalars (the field's type decides), except the merge key.
-_Loader.yaml_implicit_resolvers = {}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"])
-
-
-def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
-    text = loader.construct_scalar(node)
-    return _Plain(text) if node.style is None else text
-
-
-_Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text with every value typed as YAML 1.2's core schema types it.
-
-    ``1e-4`` is a float, ``no`` / ``off`` are strings, ``true`` / ``false`` booleans and
-    ``null`` / ``~`` / an empty value null. (Configs go through :func:`load_config`,
-    which types each value by its field instead.)
-
-    Raises:
-        yaml.YAMLError: The text is not valid YAML.
-    """
-    return _core_schema(yaml.load(text, Loader=_Loader))
-
-
-def _core_schema(value: Any) -> Any:
-    """Resolve :class:`_Plain` scalars (recursively) by YAML 1.2's core schema."""
-    if isinstance(value, _Plain):
-        text = str(value)
-        if text in _NULL:
-            return None
-        if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
-            return text.lower() == "true"
-        if _INT.fullmatch(text):
-            return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
-        if _FLOAT.fullmatch(text) or text.lower() in _SPECIAL_FLOATS:
-            return _SPECIAL_FLOATS.get(text.lower()) or float(text)
-        return text
-    if isinstance(value, dict):
-        return {k: _core_schema(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_core_schema(v) for v in value]
-    return value
-
-
-def _shown(value: Any) -> str:
-    """``str 'x'`` / ``int 3``: a value and its type for an error message."""
-    kind = "str" if isinstance(value, str) else type(value).__name__
-    return f"{kind} {str(value)!r}" if isinstance(value, str) else f"{kind} {value!r}"
-
-
-def _plain_scalar(text: str, tp: Any, key: str) -> Any:
-    """Convert unquoted text to the scalar type ``tp`` (bool, int, float or str)."""
-    low = text.lower()
-    if tp is bool:
-        if low in _TRUE or low in _FALSE:
-            return low in _TRUE
-        raise ConfigError(f"{key}: expected true or false, got {text!r}")
-    if tp is int:
-        if _INT.fullmatch(text):
-            return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
-        raise ConfigError(f"{key}: expected an integer, got str {text!r}")
-    if tp is float:
-        if low in _SPECIAL_FLOATS:
-            return _SPECIAL_FLOATS[low]
-        if _FLOAT.fullmatch(text):
-            return float(text)
-        raise ConfigError(f"{key}: expected a number, got str {text!r}")
-    return text  # str
-
-
-# ---- float settings: finite and in range ------------------------------------------------
-@dataclass(frozen=True)
-class FloatRange:
-    """The values a float setting allows (always finite); None = unbounded on that side.
-
-    Attributes:
-        low: Smallest allowed value.
-        high: Largest allowed value.
-        low_open: ``low`` itself is excluded.
-        high_open: ``high`` itself is excluded.
-    """
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def allows(self, x: float) -> bool:
-        """Whether ``x`` is finite and inside the range."""
-        if not math.isfinite(x):
-            return False
-        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
-            return False
-        return self.high is None or (x < self.high or (not self.high_open and x == self.high))
-
-    def __str__(self) -> str:
-        if self.low is not None and self.high is not None:
-            lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"a finite number in {lo}{self.low:g}, {self.high:g}{hi}"
-        if self.low is not None:
-            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
-        return "a finite number"
-
-
-_RATE = FloatRange(0.0)
-_POSITIVE = FloatRange(0.0, low_open=True)
-_AT_LEAST_1 = FloatRange(1.0)
-_FRACTION = FloatRange(0.0, 1.0, low_open=True)
-_DROPOUT = FloatRange(0.0, 1.0, high_open=True)
-# Every float setting of RunConfig, by dotted key ('*' = any key of a mapping). A test walks
-# the dataclasses and requires an entry for each float field, so none escapes validation.
-FLOAT_RANGES: dict[str, FloatRange] = {
-    "train.lr": _RATE,
-    "train.encoder_lr": _RATE,
-    "train.projector_lr": _RATE,
-    "train.llm_lr": _RATE,
-    "train.component_lrs.*": _RATE,
-    "train.weight_decay": _RATE,
-    "train.min_lr_ratio": FloatRange(0.0, 1.0),
-    "train.max_grad_norm": FloatRange(0.0),  # 0 = no clipping
-    "train.feature_cache_max_mb": _POSITIVE,
-    "model.mllm.llm.lora.alpha": _POSITIVE,
-    "model.mllm.vision.lora.alpha": _POSITIVE,
-    "model.mllm.audio.lora.alpha": _POSITIVE,
-    "model.mllm.llm.lora.dropout": _DROPOUT,
-    "model.mllm.vision.lora.dropout": _DROPOUT,
-    "model.mllm.audio.lora.dropout": _DROPOUT,
-    "model.mllm.vision_projector.dropout": _DROPOUT,
-    "model.mllm.audio_projector.dropout": _DROPOUT,
-    "commit.rows": _FRACTION,  # as a fraction; an int is a row count
-    "commit.kappa_target": _POSITIVE,
-    "commit.component_targets.*": _POSITIVE,
-    "commit.bias_threshold": FloatRange(0.0),
-    "commit.oscillation_threshold": FloatRange(0.0),
-    "commit.flip_threshold": FloatRange(0.0, 1.0),
-    "commit.collapse_log_kappa": _POSITIVE,
-    "commit.gamma": FloatRange(0.0),
-    "commit.max_factor": _AT_LEAST_1,
-    "commit.factor_caps.*": _AT_LEAST_1,
-    "commit.alpha": FloatRange(0.0),
-    "commit.tau": FloatRange(1.0, low_open=True),
-    "commit.ogm_rho": FloatRange(0.0),
-    "commit.replay.*.*": _POSITIVE,
-    "commit.progress_gain": FloatRange(0.0),
-    "commit.progress_cut_gain": FloatRange(0.0),
-    "commit.progress_horizon": _AT_LEAST_1,
-    "commit.progress_confidence": FloatRange(0.0),
-    "commit.progress_max_cut": _AT_LEAST_1,
-    "commit.progress_max_raise": _AT_LEAST_1,
-    "commit.progress_guard": _POSITIVE,
-    "commit.progress_rows": _FRACTION,
-    "commit.linesearch_alphas.*": _POSITIVE,
-    "commit.linesearch_gain": FloatRange(0.0, 1.0),
-    "commit.linesearch_cut_gain": FloatRange(0.0, 1.0),
-    "commit.linesearch_max_cut": _AT_LEAST_1,
-    "commit.linesearch_max_raise": _AT_LEAST_1,
-    "commit.linesearch_smoothing": _AT_LEAST_1,
-}
-
-
-def _takes_float(tp: Any) -> bool:
-    """``float``, or a union with it (``float | None``, ``int | float | None``)."""
-    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-    return tp is float or (union and float in typing.get_args(tp))
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    for arg in (tp, *typing.get_args(tp)):
-        if _is_dataclass_type(arg):
-            return arg
-    return None
-
-
-def _mapping_value(tp: Any) -> Any:
-    """The value type of ``dict[K, V]`` (also inside ``| None``), else None."""
-    for arg in (tp, *typing.get_args(tp)):
-        if typing.get_origin(arg) in (dict, Mapping):
-            return typing.get_args(arg)[1]
-    return None
-
-
-def _sequence_value(tp: Any) -> Any:
-    """The item type of ``tuple[V, ...]`` / ``list[V]`` (also inside ``| None``), else None."""
-    for arg in (tp, *typing.get_args(tp)):
-        if typing.get_origin(arg) in (tuple, list):
-            return typing.get_args(arg)[0]
-    return None
-
-
-def float_settings(cls: type | None = None, prefix: str = "") -> list[str]:
-    """Dotted keys of every float setting under a config dataclass (``*``: a mapping's key).
-
-    Walks nested dataclasses (also optional ones) and mappings, so a float field added
-    anywhere in :class:`RunConfig` is listed; :data:`FLOAT_RANGES` must hold each of them.
-    """
-    cls = RunConfig if cls is None else cls
-    keys = []
-    for f in dataclasses.fields(cls):
-        keys += _float_keys(_hints(cls)[f.name], f"{prefix}{f.name}")
-    return keys
-
-
-def _float_keys(tp: Any, key: str) -> list[str]:
-    if _takes_float(tp):
-        return [key]
-    nested = _dataclass_in(tp)
-    if nested is not None:
-        return float_settings(nested, key + ".")
-    value = _mapping_value(tp) or _sequence_value(tp)
-    return _float_keys(value, key + ".*") if value is not None else []
-
-
-def _check_floats(obj: Any, prefix: str = "", pattern: str = "") -> None:
-    """Every float value in a config is finite and inside its :data:`FLOAT_RANGES` range."""
-    hints = _hints(type(obj))
-    for f in dataclasses.fields(obj):
-        _check_float_value(getattr(obj, f.name), hints[f.name], prefix + f.name, pattern + f.name)
-
-
-def _check_float_value(value: Any, tp: Any, key: str, pattern: str) -> None:
-    if isinstance(value, float) and _takes_float(tp):
-        allowed = FLOAT_RANGES.get(pattern, FloatRange())
-        if not allowed.allows(value):
-            raise ConfigError(f"{key} = {value!r} is invalid: use {allowed}")
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        _check_floats(value, key + ".", pattern + ".")
-    elif isinstance(value, Mapping) and _mapping_value(tp) is not None:
-        for k, v in value.items():
-            _check_float_value(v, _mapping_value(tp), f"{key}.{k}", pattern + ".*")
-    elif isinstance(value, (tuple, list)) and _sequence_value(tp) is not None:
-        for i, v in enumerate(value):
-            _check_float_value(v, _sequence_value(tp), f"{key}.{i}", pattern + ".*")
-
-
-# ---- dict <-> dataclass ---------------------------------------------------------------
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` to type ``tp``; raise ConfigError naming ``key`` on mismatch.
-
-    Unquoted YAML text (:class:`_Plain`) is read by ``tp``: ``1e-4`` for a float, ``off``
-    for a bool, ``none`` / ``null`` / ``~`` for an optional field.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        optional = type(None) in args
-        if value is None and optional:
-            return None
-        if isinstance(value, _Plain) and optional and (value in _NULL or value in ("none", "None")):
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{key}: invalid value {value!r}")
-    if tp is Any:
-        return _core_schema(value)
-    if isinstance(value, _Plain) and tp in (bool, int, float, str):
-        return _plain_scalar(str(value), tp, key)
-    if isinstance(value, _Plain) and value in _NULL:
-        value = None  # an empty value where a mapping or list belongs
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
-        return from_dict(tp, value, key)
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
-        args = typing.get_args(tp) or (Any, Any)
-        return {
-            _convert(k, args[0], key): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()
-        }
-    if origin in (list, Sequence) or tp is list:
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
-        (arg,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
-    return value
-
-
-def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested mapping, strictly.
-
-    Raises:
-        ConfigError: An unknown key (with the closest valid key), a wrong type, or an
-            invalid value, each naming the dotted key.
-    """
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown key '{dotted}'{hint} (allowed: {', '.join(names)})")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        where = prefix or cls.__name__
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclasses -> plain nested dicts (YAML-safe)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-# ---- files and overrides ------------------------------------------------------------
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested dict in place.
-
-    A value is parsed as YAML (``[a, b]``, ``{r: 8}``, ``'quoted'``) with its unquoted
-    scalars kept as text, typed later by their field (see the module docstring).
-
-    Raises:
-        ConfigError: An override without ``=`` or that descends into a non-mapping.
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=10)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.load(raw, Loader=_Loader) if raw != "" else None
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", e)
-            raise ConfigError(f"override {item!r}: invalid value ({problem})") from None
-
-        node = data
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key}: '{'.'.join(parts[: i + 1])}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a YAML run config, apply dotted overrides, build and validate it.
 
@@ -837,7 +417,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.load(path.read_text(), Loader=_Loader) or {}
+            data = yaml.load(path.read_text(), Loader=ConfigLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

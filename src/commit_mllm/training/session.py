@@ -26,7 +26,8 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from .config import RunConfig, to_dict
+from .config import RunConfig
+from .config_values import to_dict
 from .errors import DeadRunError, NonFiniteError, Preempted
 from .tracking import RunLogger, read_jsonl, rewind, write_atomic
 

@@ -18,7 +18,8 @@ from .checkpoint import (
     PREFIX,
     load_trainable,
 )
-from .config import RunConfig, resolve_num_threads, to_dict
+from .config import RunConfig, resolve_num_threads
+from .config_values import to_dict
 from .resume import find_checkpoint, restore, suspect_changes
 from .session import Session, all_reduce, write_config
 from .tracking import RunLogger, start_over
