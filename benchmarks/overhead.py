@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead_quality as quality
 from commit_mllm import CoMMIT, CoMMITConfig, Components
 from commit_mllm.data import Collator, train_tiny_tokenizer
-from commit_mllm.method.balance import supervised_mask
+from commit_mllm.method.lookahead import supervised_mask
 from commit_mllm.models import LoRASettings, component_prefixes
 from commit_mllm.models.mllm import (
     LLMConfig,

@@ -143,7 +143,7 @@ def train_run(
     Returns:
         The summary, with ``records`` (the per-step logs) attached.
     """
-    from commit_mllm.method.balance import supervised_mask
+    from commit_mllm.method.lookahead import supervised_mask
     from commit_mllm.training.batches import BatchOrder
 
     model, optimizer, components, commit = build_model(

@@ -1,21 +1,10 @@
 """commit-mllm: coordinated multimodal instruction tuning (CoMMIT, arXiv 2407.20454).
 
-The core (this namespace) imports only torch: components, the balance meter (D_c, kappa),
-smoothing and diagnostics, the coordinated LR scheduler, the entropy regularizer, the
-strategies (CoMMIT and baselines) and the :class:`CoMMIT` facade for any PyTorch loop.
-Model assembly, data, the trainer and the CLI live in subpackages that need the ``hf`` extra.
+This namespace is the method (``commit_mllm.method``, torch only); docs/architecture.md maps
+the rest.
 """
 
-from .method.balance import (
-    BalanceMeasurement,
-    BalanceMeter,
-    CachedEncoderModel,
-    ForwardFn,
-    causal_lm_forward,
-    kl_sum,
-    select_rows,
-    supervised_mask,
-)
+from .method.balance import BalanceMeter
 from .method.components import (
     Component,
     ComponentError,
@@ -25,7 +14,16 @@ from .method.components import (
 )
 from .method.coordinator import CoMMIT, StepReport
 from .method.diagnostics import BalanceState, BalanceTracker, imbalance, target_log_weights
-from .method.lookahead import Lookahead, Reference
+from .method.lookahead import (
+    CachedEncoderModel,
+    ForwardFn,
+    Lookahead,
+    Reference,
+    causal_lm_forward,
+    select_rows,
+    supervised_mask,
+)
+from .method.measurement import BalanceMeasurement, kl_sum
 from .method.regularizer import EntropyRegularizer, mean_entropy
 from .method.scheduler import (
     CONTROLS,

@@ -33,7 +33,7 @@ from commit_mllm.hf import (  # noqa: E402
     make_adapter,
     supervised_forward,
 )
-from commit_mllm.method.balance import causal_lm_forward  # noqa: E402
+from commit_mllm.method.lookahead import causal_lm_forward  # noqa: E402
 
 T.logging.set_verbosity_error()
 TOK = 100  # the image / audio placeholder id of every tiny model

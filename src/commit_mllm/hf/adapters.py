@@ -2,7 +2,7 @@
 
 METHOD.md: the LLM-only lookahead branch reuses the encoder outputs cached from the training
 forward. An adapter wraps a registered ``*ForConditionalGeneration`` model (bare or
-peft-wrapped) and implements :class:`~commit_mllm.method.balance.CachedEncoderModel`:
+peft-wrapped) and implements :class:`~commit_mllm.method.lookahead.CachedEncoderModel`:
 
 * ``encode(batch)`` runs encoder + projector only, through the model's own
   ``get_image_features`` / ``get_video_features`` (or the audio tower + projector for

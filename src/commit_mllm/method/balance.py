@@ -36,7 +36,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,106 +43,34 @@ from torch import nn
 
 from .components import Components
 from .lookahead import (
-    CachedEncoderModel,
     ForwardFn,
     Lookahead,
     Reference,
     causal_lm_forward,
-    select_rows,
-    supervised_mask,
 )
+from .measurement import BalanceMeasurement, kl_sum
 from .snapshot import OLD, ParameterSnapshot
 
-__all__ = [
-    "BalanceMeasurement",
-    "BalanceMeter",
-    "CachedEncoderModel",
-    "ForwardFn",
-    "Reference",
-    "causal_lm_forward",
-    "kl_sum",
-    "select_rows",
-    "supervised_mask",
-]
+__all__ = ["BalanceMeter"]
+
 
 logger = logging.getLogger(__name__)
 
+
 REFERENCES = ("auto", "slice", "recompute")
+
+
 # ``reference="auto"``: slicing p_t is kept when its numerical noise (KL between the sliced
 # and the recomputed subset logits at equal parameters) stays below this share of
 # max(min D_c, SLICE_NOISE_FLOOR).
 SLICE_NOISE_SHARE = 0.01
+
+
 # Nats per token. Float32 rounding between two forwards gives a KL near 1e-16 per token; a
 # zero-rate step (first warmup step) or a component with a tiny update has D_c at or near 0,
 # and the check must not read that rounding as a slicing mismatch. A real mismatch (padding
 # or batch-dependent layers) is orders of magnitude above 1% of this floor.
 SLICE_NOISE_FLOOR = 1e-10
-
-
-def kl_sum(
-    ref_logits: torch.Tensor,
-    new_logits: torch.Tensor,
-    chunk: int = 64,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Sum over tokens of KL(p || q), p = softmax(ref_logits), q = softmax(new_logits).
-
-    Log-softmax and KL run in ``dtype`` (float64 by default: D_c goes down to 1e-10,
-    far below bf16/fp16 and float32 resolution), ``chunk`` tokens at a time to bound memory.
-
-    Args:
-        ref_logits: [T, V] logits of p.
-        new_logits: [T, V] logits of q.
-        chunk: Tokens per chunk.
-        dtype: Computation dtype (float32 or float64).
-
-    Returns:
-        A float64 scalar tensor on the logits' device: sum_t KL(p_t || q_t) in nats.
-    """
-    total = torch.zeros((), dtype=torch.float64, device=ref_logits.device)
-    for i in range(0, ref_logits.shape[0], chunk):
-        lp = torch.log_softmax(ref_logits[i : i + chunk].to(dtype), dim=-1)
-        lq = torch.log_softmax(new_logits[i : i + chunk].to(dtype), dim=-1)
-        total += (lp.exp() * (lp - lq)).sum(dtype=torch.float64)
-    return total
-
-
-@dataclass
-class BalanceMeasurement:
-    """One estimate of the balance between components (METHOD.md symbols in brackets).
-
-    Attributes:
-        step: Optimizer step t whose update was measured.
-        D: Component -> update significance D_c in nats (unfloored; 0 for frozen parts).
-        kappa: D_num / D_den for two components [kappa_t], clipped to ``kappa_clip``;
-            None for n != 2 components or when no token was supervised.
-        kappa_c: Component -> D_c / geometric_mean(D) [kappa_c], D floored at eps.
-        shares: Component -> D_c / sum(D).
-        flags: Component -> ``"frozen"`` (no trainable parameter) or ``"zero_update"``
-            (its update was exactly zero); such a component's D_c is 0.
-        tokens: Supervised tokens the estimate averaged over (all ranks).
-        update_norms: Component -> ||Delta_c||_2, for the components whose theta_t was kept.
-        pair: The (numerator, denominator) components of ``kappa``.
-    """
-
-    step: int
-    D: dict[str, float]
-    kappa: float | None
-    kappa_c: dict[str, float]
-    shares: dict[str, float]
-    flags: dict[str, str] = field(default_factory=dict)
-    tokens: int = 0
-    update_norms: dict[str, float] = field(default_factory=dict)
-    pair: tuple[str, str] | None = None
-
-    @property
-    def valid(self) -> bool:
-        """True when the estimate covers supervised tokens and no component is flagged."""
-        return self.tokens > 0 and not self.flags
-
-    def log_kappa_c(self) -> dict[str, float]:
-        """Component -> log kappa_c."""
-        return {c: math.log(v) for c, v in self.kappa_c.items()}
 
 
 class BalanceMeter:
@@ -428,7 +355,7 @@ class BalanceMeter:
         return names
 
     def _measure(self, step: int, ref: Reference) -> BalanceMeasurement:
-        norms, flags = self._flags()
+        norms, flags = self.update_flags()
         ref = self._measured_reference(ref)
         moving = [c.name for c in self.components if c.name not in flags]
         sums = [
@@ -446,12 +373,25 @@ class BalanceMeter:
             D[name] = max(s / tokens, 0.0) if tokens else 0.0
             if D[name] == 0.0 and self.skip_zero_update and name not in self.saved.saved:
                 flags[name] = "zero_update"  # no theta_t to compare: no measurable change
-        return self._summarize(step, D, flags, tokens, norms)
+        return self.summarize(step, D, flags, tokens, norms)
 
-    def _flags(self) -> tuple[dict[str, float], dict[str, str]]:
+    def update_flags(
+        self, skip_zero_update: bool | None = None
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """The kept components' update norms, and the flags of those not to be measured.
+
+        Args:
+            skip_zero_update: Flag a component whose update was exactly zero (or that the
+                optimizer skipped) as ``"zero_update"``; default: the meter's setting.
+
+        Returns:
+            Component -> ||Delta_c||_2 (the components whose theta_t was kept), and
+            component -> ``"frozen"`` or ``"zero_update"``.
+        """
         norms, zero = self.saved.update_norms()
         flags = {c.name: "frozen" for c in self.components if c.frozen}
-        if self.skip_zero_update:
+        skip = self.skip_zero_update if skip_zero_update is None else skip_zero_update
+        if skip:
             unseen = self.saved.no_grad - set(self.saved.saved)  # skipped by the optimizer
             for name in zero | unseen:
                 flags[name] = "zero_update"
@@ -508,7 +448,15 @@ class BalanceMeter:
             )
         return self._slice_ok
 
-    def _summarize(self, step, D, flags, tokens, norms) -> BalanceMeasurement:
+    def summarize(
+        self,
+        step: int,
+        D: dict[str, float],
+        flags: dict[str, str],
+        tokens: int,
+        norms: dict[str, float],
+    ) -> BalanceMeasurement:
+        """kappa, kappa_c and the shares from the D_c of step ``step`` (floored, clipped)."""
         lo, hi = self.kappa_clip
         logs = {c: math.log(max(d, self.eps)) for c, d in D.items()}
         mean_log = sum(logs.values()) / len(logs)

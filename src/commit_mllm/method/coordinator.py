@@ -30,11 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .balance import BalanceMeasurement, BalanceMeter, ForwardFn
+from .balance import BalanceMeter
 from .components import Components, check_param_groups, component_grad_norms
 from .diagnostics import BalanceState, BalanceTracker
 from .efficiency import EfficiencyController
 from .linesearch import LineSearchController, LineSearchMeasurement, PathSnapshot, measure_paths
+from .lookahead import ForwardFn
+from .measurement import BalanceMeasurement
 from .progress import ProgressMeasurement, measure_progress
 from .regularizer import EntropyRegularizer
 from .scheduler import CoordinatedLR, FactorController
@@ -117,7 +119,7 @@ class CoMMIT:
     """Coordinated multimodal instruction tuning for a plain PyTorch loop.
 
     Args:
-        model: The model (ideally a :class:`~commit_mllm.method.balance.CachedEncoderModel`).
+        model: The model (ideally a :class:`~commit_mllm.method.lookahead.CachedEncoderModel`).
         optimizer: Built from ``components.param_groups()`` (checked).
         components: The model's components.
         config: The method's settings (strategy by name).
@@ -167,11 +169,11 @@ class CoMMIT:
             kl_dtype=getattr(torch, cfg.kl_dtype),
             all_reduce=all_reduce,
             sharded=sharded,
-            snapshot="all" if cfg.strategy == "progress" else cfg.snapshot,
+            snapshot=cfg.effective_snapshot,
             offload=cfg.offload,
             reference=cfg.reference,
-            keep_snapshot=cfg.strategy == "progress",  # measured on the next batch
-            dense_steps=cfg.progress_dense_steps if cfg.strategy == "progress" else 0,
+            keep_snapshot=cfg.effective_keep_snapshot,
+            dense_steps=cfg.effective_dense_steps,
         )
         self._norm_reduce = all_reduce if sharded else None
         self.tracker = BalanceTracker(
@@ -288,7 +290,7 @@ class CoMMIT:
         self.meter.discard()
         if pm is None:
             return
-        m = self.meter._summarize(step, pm.D, pm.flags, pm.tokens, pm.update_norms)
+        m = self.meter.summarize(step, pm.D, pm.flags, pm.tokens, pm.update_norms)
         self.tracker.update(m)
         since, self._last_estimate = step - self._last_estimate, step
         controller = self.scheduler.controller

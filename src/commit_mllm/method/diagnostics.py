@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .balance import BalanceMeasurement
+from .measurement import BalanceMeasurement
 
 __all__ = [
     "BalanceState",

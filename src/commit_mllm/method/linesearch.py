@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from .components import Components
-from .progress import ce_sum, eval_mode, supervised_targets
+from .lookahead import eval_mode
+from .progress import ce_sum, supervised_targets
 from .scheduler import ObservedFactors
 
 __all__ = ["LineSearchController", "LineSearchMeasurement", "PathSnapshot", "best_alpha"]

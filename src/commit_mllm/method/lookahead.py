@@ -58,6 +58,17 @@ of :func:`supervised_mask` (``labels[:, 1:] != -100``) read row by row.
 """
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off and frozen normalisation statistics: the loss of the model itself."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @runtime_checkable
 class CachedEncoderModel(Protocol):
     """The model side of the cached-encoder branch (a structural protocol).
@@ -388,12 +399,8 @@ class Lookahead:
         if self.dropout == "replay":
             yield
             return
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             yield
-        finally:
-            self.model.train(was_training)
 
     @contextlib.contextmanager
     def preserved(self) -> Iterator[None]:

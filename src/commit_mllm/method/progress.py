@@ -18,7 +18,7 @@ with dropout off (eval mode), the paper's lookahead (METHOD.md, "Update signific
 
 Cost: one reference forward at theta_t plus one lookahead per moving component on the
 held-out rows; a lookahead whose component owns no parameter of the encoder pathway reuses
-the reference's encoder outputs (the :class:`~commit_mllm.method.balance.CachedEncoderModel`
+the reference's encoder outputs (the :class:`~commit_mllm.method.lookahead.CachedEncoderModel`
 protocol), so it runs the LLM only.
 
 Symbols -> variables: theta_t -> the balance meter's snapshot; D_c ->
@@ -28,17 +28,16 @@ Symbols -> variables: theta_t -> the balance meter's snapshot; D_c ->
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from .balance import BalanceMeter, kl_sum
-from .lookahead import select_rows, supervised_mask
+from .balance import BalanceMeter
+from .lookahead import eval_mode, select_rows, supervised_mask
+from .measurement import kl_sum
 
 __all__ = ["ProgressMeasurement", "measure_progress"]
 
@@ -75,17 +74,6 @@ def supervised_targets(batch: Mapping[str, Any]) -> torch.Tensor:
     """[T] the labels at the supervised positions (the order of the meter's logits)."""
     labels = batch["labels"]
     return labels[:, 1:][supervised_mask(labels)]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off and frozen normalisation statistics: the loss of the model itself."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def ce_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -131,9 +119,7 @@ def measure_progress(
             batch = meter.model.select_rows(batch, None, keep)[0]
         else:
             batch = select_rows(batch, keep)
-    norms, zero = meter.saved.update_norms()
-    flags = {c.name: "frozen" for c in meter.components if c.frozen}
-    flags.update({c: "zero_update" for c in zero})
+    norms, flags = meter.update_flags(skip_zero_update=True)
     flags.update({c.name: "zero_update" for c in meter.components if c.name not in norms})
     moving = [c.name for c in meter.components if c.name not in flags]
     targets = supervised_targets(batch)

@@ -320,6 +320,21 @@ class CoMMITConfig:
             return self.control
         return "replay" if self.strategy == "replay" else "none"
 
+    @property
+    def effective_snapshot(self) -> str:
+        """Which theta_t the meter keeps: every trainable component's for ``progress``."""
+        return "all" if self.strategy == "progress" else self.snapshot
+
+    @property
+    def effective_keep_snapshot(self) -> bool:
+        """Whether theta_t outlives the step (``progress`` measures it on the next batch)."""
+        return self.strategy == "progress"
+
+    @property
+    def effective_dense_steps(self) -> int:
+        """The first steps on which ``progress`` measures every step (0 for the others)."""
+        return self.progress_dense_steps if self.strategy == "progress" else 0
+
     def to_dict(self) -> dict:
         """Plain-dict form (for logs and checkpoints)."""
         return dataclasses.asdict(self)

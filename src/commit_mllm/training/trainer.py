@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..method.balance import supervised_mask
+from ..method.lookahead import supervised_mask
 from . import preemption
 from .checkpoint import (
     fault_point,
