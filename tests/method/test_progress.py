@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from commit_mllm import BalanceMeter, CoMMIT, CoMMITConfig, Components
 from commit_mllm.method.efficiency import EfficiencyController
 from commit_mllm.method.progress import ProgressMeasurement, measure_progress
+from resume_helpers import assert_same_run, resume_a_copy
 from toy import TWO, NoCacheWrapper, ToyMLLM, make_batch, targets
 
 
@@ -260,10 +261,7 @@ def test_efficiency_controller_without_anchor_steers_each_component_to_efficienc
 
 
 def test_trainer_progress_strategy_resumes_bit_identically(tmp_path):
-    import shutil
     from pathlib import Path
-
-    from safetensors.torch import load_file
 
     from commit_mllm.training.config import load_config
     from commit_mllm.training.tracking import read_jsonl
@@ -283,16 +281,8 @@ def test_trainer_progress_strategy_resumes_bit_identically(tmp_path):
     train(load_config(tiny, [f"run.output_dir={full}", *ovr]), log=lambda _: None)
     recs = read_jsonl(full / "metrics.jsonl")
     assert any(r.get("dL/encoder") for r in recs) and recs[-1]["step"] == 7
-    (part / "checkpoints").mkdir(parents=True)
-    ckpt = "step-00000004"
-    shutil.copytree(full / "checkpoints" / ckpt, part / "checkpoints" / ckpt)
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (part / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    train(load_config(tiny, [f"run.output_dir={part}", *ovr]), resume=True, log=lambda _: None)
-    assert read_jsonl(part / "metrics.jsonl") == recs
-    a = load_file(str(full / "checkpoints" / "step-00000008" / "trainable.safetensors"))
-    b = load_file(str(part / "checkpoints" / "step-00000008" / "trainable.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_a_copy(full, part, tiny, ovr, step=4)
+    assert_same_run(full, part, final_step=8)
 
 
 def test_guard_cuts_at_once_by_the_rate_that_matches_the_anchors_output_change():

@@ -1,7 +1,6 @@
 """The cheap default (kappa every K steps on a row subset) through the trainer: resume, logs."""
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ pytest.importorskip("transformers")
 from commit_mllm.training.config import load_config
 from commit_mllm.training.tracking import read_jsonl
 from commit_mllm.training.trainer import train
+from resume_helpers import resume_a_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -39,11 +39,6 @@ def test_k_step_estimates_resume_bit_identically(tmp_path):
     assert measured == [2, 5, 8]
     assert all(math.isfinite(r["kappa_bar"]) for r in recs if r["step"] >= 2)
     assert all(("grad_norm/llm" in r) == (r["step"] in measured) for r in recs)
-    (part / "checkpoints").mkdir(parents=True)
-    ckpt = "step-00000005"
-    shutil.copytree(full / "checkpoints" / ckpt, part / "checkpoints" / ckpt)
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (part / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    train(load_config(TINY, [f"run.output_dir={part}", *CHEAP]), resume=True, log=lambda _: None)
+    resume_a_copy(full, part, TINY, CHEAP, step=5)
     # The estimate after the resume (step 8) integrates the same dt and window as before.
     assert read_jsonl(part / "metrics.jsonl") == recs

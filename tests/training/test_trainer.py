@@ -2,18 +2,17 @@
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from commit_mllm.cli import main
 from commit_mllm.training.config import ConfigError, load_config
 from commit_mllm.training.startup import setup
 from commit_mllm.training.tracking import read_jsonl
 from commit_mllm.training.trainer import train
+from resume_helpers import assert_same_run, resume_a_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -90,26 +89,15 @@ def test_trainable_parameters_change_and_frozen_ones_do_not(tmp_path):
 
 def test_resume_from_step_3_reproduces_steps_4_and_5(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    cfg = load_config(
-        TINY, [f"run.output_dir={full}", *QUIET, "model.mllm.vision_projector.dropout=0.1"]
+    overrides = [*QUIET, "model.mllm.vision_projector.dropout=0.1"]
+    train(load_config(TINY, [f"run.output_dir={full}", *overrides]), log=lambda _: None)
+    # A half-written checkpoint must be ignored, and a record past the checkpoint dropped.
+    (part / "checkpoints" / ".tmp-step-00000004-1").mkdir(parents=True)
+    logs = resume_a_copy(
+        full, part, TINY, overrides, step=3, extra_lines=['{"step": 3, "junk": 1}']
     )
-    train(cfg, log=lambda _: None)
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step-00000003", part / "checkpoints" / "step-00000003")
-    # A half-written checkpoint must be ignored.
-    (part / "checkpoints" / ".tmp-step-00000004-1").mkdir()
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (part / "metrics.jsonl").write_text("\n".join([*lines[:3], '{"step": 3, "junk": 1}']) + "\n")
-    cfg2 = load_config(
-        TINY, [f"run.output_dir={part}", *QUIET, "model.mllm.vision_projector.dropout=0.1"]
-    )
-    logs = []
-    train(cfg2, resume=True, log=logs.append)
     assert any("resume: from" in line and "step 3" in line for line in logs)
-    assert read_jsonl(part / "metrics.jsonl") == read_jsonl(full / "metrics.jsonl")
-    a = load_file(str(full / "checkpoints" / "step-00000005" / "trainable.safetensors"))
-    b = load_file(str(part / "checkpoints" / "step-00000005" / "trainable.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(full, part, final_step=5)
 
 
 def test_audio_task_trains(tmp_path):
