@@ -39,12 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead as ov
 from commit_mllm import Components
 from commit_mllm.models import LoRASettings, ProjectorConfig, component_prefixes
-from commit_mllm.models.mllm import (
-    LLMConfig,
-    MLLMConfig,
-    MultimodalLM,
-    VisionEncoderConfig,
-)
+from commit_mllm.models.mllm import MultimodalLM
+from commit_mllm.models.mllm_config import LLMConfig, MLLMConfig, VisionEncoderConfig
 
 CLIP_L14_336 = {
     "model_type": "clip_vision_model",

@@ -52,12 +52,8 @@ from commit_mllm import CoMMIT, CoMMITConfig, Components
 from commit_mllm.data import Collator, train_tiny_tokenizer
 from commit_mllm.method.lookahead import supervised_mask
 from commit_mllm.models import LoRASettings, component_prefixes
-from commit_mllm.models.mllm import (
-    LLMConfig,
-    MLLMConfig,
-    MultimodalLM,
-    VisionEncoderConfig,
-)
+from commit_mllm.models.mllm import MultimodalLM
+from commit_mllm.models.mllm_config import LLMConfig, MLLMConfig, VisionEncoderConfig
 from commit_mllm.tasks import load_task, task_texts
 from commit_mllm.training.assembly import TINY_CLIP, TINY_LLM
 

@@ -22,12 +22,11 @@ from commit_mllm.models.lora import (
     freeze_module,
     unwrap_peft,
 )
-from commit_mllm.models.mllm import (
+from commit_mllm.models.mllm import MLLMOutput, MultimodalLM
+from commit_mllm.models.mllm_config import (
     AudioEncoderConfig,
     LLMConfig,
     MLLMConfig,
-    MLLMOutput,
-    MultimodalLM,
     VisionEncoderConfig,
 )
 from commit_mllm.models.projectors import (

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,143 +34,23 @@ from torch import nn
 
 from commit_mllm.models.encoders import AudioEncoder, VisionEncoder, _dtype, build_hf_config
 from commit_mllm.models.feature_cache import FeatureCache, check_cacheable
-from commit_mllm.models.lora import LoRASettings, apply_lora, freeze_module, unwrap_peft
-from commit_mllm.models.projectors import ProjectorConfig, build_projector
+from commit_mllm.models.lora import apply_lora, freeze_module, unwrap_peft
+from commit_mllm.models.projectors import build_projector
 
-__all__ = [
-    "AudioEncoderConfig",
-    "LLMConfig",
-    "MLLMConfig",
-    "MLLMOutput",
-    "MultimodalLM",
-    "VisionEncoderConfig",
-]
+from .mllm_config import (
+    MODALITIES,
+    LLMConfig,
+    MLLMConfig,
+    PartConfig,
+)
+
+__all__ = ["MLLMOutput", "MultimodalLM"]
+
 
 CONFIG_NAME = "mllm_config.json"
+
+
 WEIGHTS_NAME = "model.safetensors"
-MODALITIES = ("vision", "audio")
-
-
-@dataclass
-class _PartConfig:
-    """Fields shared by every pretrained part (encoder or LLM).
-
-    Attributes:
-        name_or_path: Hub id or local folder, loaded with ``from_pretrained``.
-        config: Alternatively a ``transformers`` config dict (with ``model_type``); the part
-            is then built with random weights.
-        dtype: Parameter dtype name (``"float32"``, ``"bfloat16"``, ...); ``None`` = default.
-        freeze: Freeze every base weight of the part (LoRA adapters, if any, still train).
-        lora: LoRA settings (or ``None`` for no LoRA: full fine-tuning unless frozen).
-    """
-
-    name_or_path: str | None = None
-    config: dict[str, Any] | None = None
-    dtype: str | None = None
-    freeze: bool = False
-    lora: LoRASettings | None = None
-
-    def __post_init__(self) -> None:
-        self.lora = LoRASettings.from_any(self.lora)
-
-
-@dataclass
-class VisionEncoderConfig(_PartConfig):
-    """Vision encoder settings (CLIP / SigLIP / ViT); see :class:`VisionEncoder`.
-
-    Attributes:
-        feature_layer: Hidden-state index whose patch features are used (LLaVA: -2).
-        drop_cls: Drop the CLS token.
-        prune_layers: Do not build layers after ``feature_layer``.
-    """
-
-    feature_layer: int = -2
-    drop_cls: bool = True
-    prune_layers: bool = True
-
-
-@dataclass
-class AudioEncoderConfig(_PartConfig):
-    """Whisper encoder settings; see :class:`AudioEncoder`.
-
-    Attributes:
-        max_source_positions: Shrink the positional table (window = twice this in frames).
-        mask_padding: Mask padded frames as attention keys.
-    """
-
-    max_source_positions: int | None = None
-    mask_padding: bool = True
-
-
-@dataclass
-class LLMConfig(_PartConfig):
-    """Causal LM settings (any ``AutoModelForCausalLM``).
-
-    Attributes:
-        vocab_size: Resize the token embeddings to this size (the tokenizer's length).
-        attn_implementation: ``"sdpa"``, ``"eager"``, ... (``None`` = transformers default).
-    """
-
-    vocab_size: int | None = None
-    attn_implementation: str | None = None
-
-
-@dataclass
-class MLLMConfig:
-    """Typed configuration of a :class:`MultimodalLM`.
-
-    Attributes:
-        llm: The language model.
-        vision: Vision encoder (``None`` = no vision pathway).
-        audio: Audio encoder (``None`` = no audio pathway).
-        vision_projector: Projector after the vision encoder.
-        audio_projector: Projector after the audio encoder.
-        image_token_id: Placeholder id replaced by the image tokens.
-        audio_token_id: Placeholder id replaced by the audio tokens.
-        projector_side: Where :meth:`MultimodalLM.encode` stops: ``"encoder"`` (projector
-            inside ``encode``), ``"llm"`` or ``"own"`` (``encode`` returns raw encoder
-            outputs; ``decode`` runs the projector, so the encoder cache stays valid when
-            only the projector moves).
-        ignore_index: Label value of unsupervised positions.
-    """
-
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    vision: VisionEncoderConfig | None = None
-    audio: AudioEncoderConfig | None = None
-    vision_projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    audio_projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    image_token_id: int | None = None
-    audio_token_id: int | None = None
-    projector_side: str = "encoder"
-    ignore_index: int = -100
-
-    def __post_init__(self) -> None:
-        # Accept nested dicts (from JSON / YAML) as well as dataclass instances.
-        for name, cls in (
-            ("llm", LLMConfig),
-            ("vision", VisionEncoderConfig),
-            ("audio", AudioEncoderConfig),
-            ("vision_projector", ProjectorConfig),
-            ("audio_projector", ProjectorConfig),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, Mapping):
-                setattr(self, name, cls(**value))
-        if self.projector_side not in ("encoder", "llm", "own"):
-            raise ValueError(f"projector_side must be encoder|llm|own: {self.projector_side!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns a JSON-serialisable nested dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MLLMConfig:
-        """Builds a config from :meth:`to_dict` output (unknown keys are rejected)."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown MLLMConfig keys: {sorted(unknown)}")
-        return cls(**dict(data))
 
 
 @dataclass
@@ -214,7 +94,7 @@ def _build_llm(cfg: LLMConfig) -> nn.Module:
     return llm
 
 
-def _setup_part(module: nn.Module, attr: str, cfg: _PartConfig) -> None:
+def _setup_part(module: nn.Module, attr: str, cfg: PartConfig) -> None:
     """Freezes and/or wraps ``module.<attr>`` with LoRA according to ``cfg``."""
     inner = getattr(module, attr)
     if cfg.freeze:

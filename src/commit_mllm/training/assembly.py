@@ -21,7 +21,7 @@ import torch
 from ..data import Collator, load_llava, train_tiny_tokenizer
 from ..method.components import Components
 from ..models import MultimodalLM, component_prefixes
-from ..models.mllm import AudioEncoderConfig, LLMConfig, MLLMConfig, VisionEncoderConfig
+from ..models.mllm_config import AudioEncoderConfig, LLMConfig, MLLMConfig, VisionEncoderConfig
 from ..tasks import (
     MODALITY,
     PRETRAIN_TASKS,

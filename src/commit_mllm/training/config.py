@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ..method.strategies import CoMMITConfig
-from ..models.mllm import MLLMConfig
+from ..models.mllm_config import MLLMConfig
 from ..tasks import TASKS
 from .aliases import resolve_aliases
 from .config_ranges import check_floats
