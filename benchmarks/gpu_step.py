@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead as ov
+import overhead_memory as ovm
+import overhead_setup as ovs
 from commit_mllm import Components
 from commit_mllm.models import LoRASettings, ProjectorConfig, component_prefixes
 from commit_mllm.models.mllm import MultimodalLM
@@ -72,7 +74,7 @@ TINY_OVERRIDE = {
             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512},
     "lora_r": 8,
 }  # fmt: skip
-ARMS = (ov.PLAIN, ov.DEFAULT, ov.EXACT)
+ARMS = (ovs.PLAIN, ovs.DEFAULT, ovs.EXACT)
 
 
 def model_config(tiny: bool, dtype: str | None, freeze_encoder: bool) -> tuple[MLLMConfig, int]:
@@ -125,7 +127,7 @@ def ov_dtype(name: str | None) -> torch.dtype:
     return getattr(torch, name) if name else torch.float32
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[ov.Bench, int]:
+def build(args: argparse.Namespace, device: torch.device) -> tuple[ovs.Bench, int]:
     """Model (on ``device``), components, AdamW and synthetic batches."""
     dtype = None if (args.tiny and device.type == "cpu") else "bfloat16"
     cfg, n_image = model_config(args.tiny, dtype, args.freeze_encoder)
@@ -142,29 +144,29 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[ov.Bench, int
     batches = synthetic_batches(cfg, 2, args.batch, args.text_tokens, args.answer_tokens, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_all = sum(p.numel() for p in model.parameters())
-    bench = ov.Bench(model, comps, opt, batches, params, n_all, sum(p.numel() for p in params))
+    bench = ovs.Bench(model, comps, opt, batches, params, n_all, sum(p.numel() for p in params))
     bench.tokens = args.batch * (args.text_tokens - 1 + n_image)
     return bench, n_image
 
 
-def measure(bench: ov.Bench, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def measure(bench: ovs.Bench, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Interleaved timing (paired ratios) and per-arm peak memory of one estimate step.
 
     With ``--tiny`` (a construction check): 2K steps per arm, no rounds, no warm-up.
     """
     if args.tiny:
         raw = {
-            s.name: {"times": [ov.run_block(ov.step_fn(bench, s), 2 * s.k, device)]} for s in ARMS
+            s.name: {"times": [ovs.run_block(ovs.step_fn(bench, s), 2 * s.k, device)]} for s in ARMS
         }
         for v in raw.values():
             v["ratios"] = [v["times"][0] / raw["plain"]["times"][0]]
         raw["plain"]["ratios"] = []
-        load = [ov.loadavg()]
+        load = [ovm.loadavg()]
     else:
         raw = ov.time_arms(bench, ARMS, args.rounds, args.block, device)
         load = raw.pop("_load")
     timing = ov.summarize_timing(raw)
-    memory = {s.name: {"peak_bytes": ov.peak_memory(bench, s, 0, device)} for s in ARMS}
+    memory = {s.name: {"peak_bytes": ovm.peak_memory(bench, s, 0, device)} for s in ARMS}
     plain = memory["plain"]["peak_bytes"]
     for v in memory.values():
         v["ratio"] = v["peak_bytes"] / plain if (plain and v["peak_bytes"]) else None
@@ -195,8 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, measure, and return the results (does not write them)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bench, n_image = build(args, device)
-    res = {"meta": ov.machine_info(torch.get_num_threads()), "device": str(device)}
-    res["meta"]["load_start"] = ov.loadavg()
+    res = {"meta": ovm.machine_info(torch.get_num_threads()), "device": str(device)}
+    res["meta"]["load_start"] = ovm.loadavg()
     res["shape"] = {
         "tiny": args.tiny,
         "batch": args.batch,
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
     }
     res.update(measure(bench, args, device))
-    res["meta"]["load_end"] = ov.loadavg()
+    res["meta"]["load_end"] = ovm.loadavg()
     return res
 
 

@@ -74,7 +74,7 @@ def kappa_trajectory(
     do not change the run.
 
     Args:
-        bench: ``overhead.Bench`` (model, components, optimizer, batches).
+        bench: ``overhead_setup.Bench`` (model, components, optimizer, batches).
         steps: Training steps.
         fractions: Row fractions (1.0 = the exact estimate that drives the run).
         warmup: Warmup steps of the shared schedule.

@@ -106,12 +106,12 @@ def worker(arm: str, mode: str, warmup: int, steps: int, out: str) -> None:
     import torch
     import transformers as T
 
-    import overhead as bench
+    import overhead_memory as memory
 
     torch.set_num_threads(1)
     T.logging.set_verbosity_error()
     rank = int(os.environ.get("RANK", "0"))
-    bench.tune_malloc()
+    memory.tune_malloc()
     import deepspeed.comm.torch  # noqa: F401  (the module; its name is shadowed by torch)
     from accelerate import PartialState
 
@@ -122,7 +122,7 @@ def worker(arm: str, mode: str, warmup: int, steps: int, out: str) -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
-    base = bench._memory_start(torch.device("cpu"))
+    base = memory.memory_start(torch.device("cpu"))
     model = build_model(mode)
     batches = make_batches(warmup + steps, seed=rank)
     times: list[float] = []
@@ -130,7 +130,7 @@ def worker(arm: str, mode: str, warmup: int, steps: int, out: str) -> None:
     class Clock(T.TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == warmup:  # the peak counts from the timed steps on
-                bench._memory_start(torch.device("cpu"))
+                memory.memory_start(torch.device("cpu"))
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -154,7 +154,7 @@ def worker(arm: str, mode: str, warmup: int, steps: int, out: str) -> None:
                   data_collator=lambda items: dict(items[0]), callbacks=callbacks)  # fmt: skip
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(batches)
     trainer.train()
-    used = bench._memory_peak(torch.device("cpu"))
+    used = memory.memory_peak(torch.device("cpu"))
     mine = torch.tensor([float((used or 0) - (base or 0))])
     torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:

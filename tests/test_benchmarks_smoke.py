@@ -16,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_step
 import overhead
+import overhead_memory
 import overhead_quality as quality
+import overhead_report
 
 
 def test_overhead_core_tiny_budget(tmp_path):
@@ -36,13 +38,13 @@ def test_overhead_core_tiny_budget(tmp_path):
     timing = entry["timing"]
     assert {"plain", "default", "exact", "K=1 rows=0.25"} <= set(timing)
     assert all(v["median_s"] > 0 and v["ratio_paired_median"] > 0 for v in timing.values())
-    assert set(entry["memory"]) == {s.name for s in overhead.MEMORY_ARMS}
+    assert set(entry["memory"]) == {s.name for s in overhead_memory.MEMORY_ARMS}
     (err,) = res["estimate_error"]
     cells = err["N=4"]
     assert cells["K=1 rows=1"]["error"] == 0.0 and cells["K=8 rows=0.25"]["n"] >= 1
     headline = tmp_path / "headline.json"
     headline.write_text(json.dumps({"payoff": {"x": 1}, "overhead": {"default": {"old": 9}}}))
-    path = overhead.write_results(res, tmp_path, "overhead_smoke", headline_path=headline)
+    path = overhead_report.write_results(res, tmp_path, "overhead_smoke", headline_path=headline)
     assert json.loads(path.read_text())["overhead"][0]["model"] == "tiny"
     merged = json.loads(headline.read_text())
     assert merged["payoff"] == {"x": 1}  # another benchmark's key is kept
@@ -51,8 +53,8 @@ def test_overhead_core_tiny_budget(tmp_path):
         timing["default"]["ratio_paired_median"], abs=1e-3
     )
     assert "tiny_lora" in merged["overhead"]["exact"]
-    (tmp_path / "overhead_smoke.md").write_text("discussion\n" + overhead.MARKER + "\nold\n")
-    overhead.write_results(res, tmp_path, "overhead_smoke")
+    (tmp_path / "overhead_smoke.md").write_text("discussion\n" + overhead_report.MARKER + "\nold\n")
+    overhead_report.write_results(res, tmp_path, "overhead_smoke")
     text = (tmp_path / "overhead_smoke.md").read_text()
     assert text.startswith("discussion\n") and "old" not in text and "| plain |" in text
 
