@@ -20,7 +20,7 @@ from commit_mllm.models import LoRASettings, component_prefixes
 from commit_mllm.models.mllm import MultimodalLM
 from commit_mllm.models.mllm_config import LLMConfig, MLLMConfig, VisionEncoderConfig
 from commit_mllm.tasks import task_texts
-from commit_mllm.training.assembly import TINY_CLIP, TINY_LLM
+from commit_mllm.training.model_spec import TINY_CLIP, TINY_LLM
 from overhead_quality import grid_name
 
 MODES = ("lora", "full")

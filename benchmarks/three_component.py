@@ -87,7 +87,7 @@ def random_parts(n_train: int, n_test: int, seed: int) -> Parts:
     from commit_mllm.data import train_tiny_tokenizer
     from commit_mllm.tasks import task_texts
     from commit_mllm.tasks.tones_shapes import texts
-    from commit_mllm.training.assembly import tiny_random_mllm
+    from commit_mllm.training.model_spec import tiny_random_mllm
 
     mcfg = tiny_random_mllm("image")
     mcfg.audio = tiny_random_mllm("audio").audio

@@ -9,8 +9,10 @@ from PIL import Image
 from commit_mllm.cli import main
 from commit_mllm.data import train_tiny_tokenizer, write_wav
 from commit_mllm.models.encoders import build_hf_config
-from commit_mllm.training.assembly import TINY_LLM, _processor_from_config, assemble
+from commit_mllm.training.assembly import assemble
 from commit_mllm.training.config import load_config
+from commit_mllm.training.model_spec import TINY_LLM
+from commit_mllm.training.processors import processor_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["what colour is the shape ? red blue green how many tones one two is it loud"] * 4
@@ -164,7 +166,7 @@ def test_model_processor_pointing_at_a_folder_without_one_fails_in_one_line(tmp_
     ],
 )
 def test_processor_built_from_each_family_config(config, cls, size):
-    proc, what = _processor_from_config("image", config, None)
+    proc, what = processor_from_config("image", config, None)
     assert type(proc).__name__.startswith(cls) and f"{size} px" in what
     image = Image.new("RGB", (size * 2, size), "red")
     pixels = proc(images=[image], return_tensors="pt")["pixel_values"]
@@ -172,6 +174,6 @@ def test_processor_built_from_each_family_config(config, cls, size):
 
 
 def test_model_image_size_overrides_the_built_processor():
-    proc, what = _processor_from_config("image", {"model_type": "vit", "image_size": 96}, 112)
+    proc, what = processor_from_config("image", {"model_type": "vit", "image_size": 96}, 112)
     assert "112 px" in what and proc.size == {"height": 112, "width": 112}
-    assert "64 px" in _processor_from_config("image", {"model_type": "vit"}, None)[1]
+    assert "64 px" in processor_from_config("image", {"model_type": "vit"}, None)[1]

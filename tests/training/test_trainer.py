@@ -191,7 +191,7 @@ def test_local_pretrained_folders_go_through_the_hub_code_path(tmp_path):
 
     from commit_mllm.data import train_tiny_tokenizer
     from commit_mllm.tasks import task_texts
-    from commit_mllm.training.assembly import TINY_CLIP, TINY_LLM
+    from commit_mllm.training.model_spec import TINY_CLIP, TINY_LLM
 
     tok = train_tiny_tokenizer(task_texts("easy-vqa"))
     tok.save_pretrained(tmp_path / "llm")
