@@ -51,12 +51,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .demo import DEMO_STRATEGIES, DEMO_TASKS
-    from .formats import FORMATS
     from .method.strategies import STRATEGIES
 
     strategies = ", ".join(STRATEGIES)
-    fmt = _Help
     p = _Parser(
         prog="commit-mllm",
         description="Coordinated multimodal instruction tuning (CoMMIT): measure the balance "
@@ -66,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run_commands(sub, strategies)
+    _add_result_commands(sub)
+    _add_prepare(sub)
+    _add_validate(sub)
+    debug = f"show the traceback of a failure (or set {DEBUG_ENV}=1)"
+    p.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # accepted after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+    return p
+
+
+def _add_run_commands(sub: argparse._SubParsersAction, strategies: str) -> None:
+    """``train``, ``demo`` and ``compare``."""
+    from .demo import DEMO_STRATEGIES, DEMO_TASKS
+
+    fmt = _Help
     t = sub.add_parser(
         "train",
         help="train from a YAML config",
@@ -121,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output-dir", default="runs/compare", help="where runs and the report go")
     c.add_argument("overrides", nargs="*", help="key=value overrides")
 
+
+def _add_result_commands(sub: argparse._SubParsersAction) -> None:
+    """``plot``, ``convert`` and ``eval``."""
+    from .formats import FORMATS
+
+    fmt = _Help
     pl = sub.add_parser(
         "plot",
         help="plot kappa, LRs, loss and normalized grad norms of runs",
@@ -170,8 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     ev.add_argument("overrides", nargs="*", help="key=value overrides")
 
-    _add_prepare(sub)
 
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    """``validate-config``."""
+    fmt = _Help
     v = sub.add_parser(
         "validate-config",
         help="check YAML configs offline",
@@ -185,11 +206,6 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--set", dest="set_overrides", action="append", default=[], help="key=value (repeatable)"
     )
-    debug = f"show the traceback of a failure (or set {DEBUG_ENV}=1)"
-    p.add_argument("--debug", action="store_true", help=debug)
-    for command in sub.choices.values():  # accepted after the command too
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
-    return p
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:

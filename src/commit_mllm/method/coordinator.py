@@ -189,48 +189,8 @@ class CoMMIT:
             flip_threshold=cfg.flip_threshold,
             collapse_log_kappa=cfg.collapse_log_kappa,
         )
-        names = [c.name for c in components.trainable]
         self.paths: PathSnapshot | None = None
-        if cfg.strategy == "line_search":
-            if sharded:
-                raise ValueError(
-                    "strategy line_search is not supported with sharded (FSDP) parameters; "
-                    "use strategy=progress or constant"
-                )
-            controller = LineSearchController(
-                names,
-                _anchor(cfg),
-                gain=cfg.linesearch_gain,
-                cut_gain=cfg.linesearch_cut_gain,
-                max_cut=cfg.linesearch_max_cut,
-                max_raise=cfg.linesearch_max_raise,
-                factor_caps=dict(cfg.factor_caps),
-                smoothing=cfg.linesearch_smoothing,
-            )
-            self.paths = PathSnapshot(components, controller.steered, cfg.offload)
-        elif cfg.strategy == "progress":
-            controller = EfficiencyController(
-                names,
-                _anchor(cfg),
-                gamma=cfg.progress_gain,
-                cut_gain=cfg.progress_cut_gain,
-                horizon=cfg.progress_horizon,
-                confidence=cfg.progress_confidence,
-                max_cut=cfg.progress_max_cut,
-                max_raise=cfg.progress_max_raise,
-                guard=cfg.progress_guard,
-                factor_caps=cfg.factor_caps,
-            )
-        else:
-            controller = FactorController(
-                names,
-                cfg.effective_control,
-                gamma=cfg.gamma,
-                max_factor=cfg.max_factor,
-                factor_caps=cfg.factor_caps,
-                min_estimates=math.ceil(cfg.window / max(1, every)),
-                replay=cfg.replay,
-            )
+        controller = self._controller(cfg, components, every, sharded)
         self.scheduler = CoordinatedLR(
             optimizer, total_steps, warmup_steps, schedule, min_lr_ratio, controller, cfg.hold_steps
         )
@@ -248,6 +208,52 @@ class CoMMIT:
         self._grad_norms: dict[str, float] = {}
         self._coeffs: dict[str, float] = {}
         self._aux_weight = 0.0
+
+    def _controller(
+        self, cfg: CoMMITConfig, components: Components, every: int, sharded: bool
+    ) -> Any:
+        """The factor controller of the strategy (line search also keeps its paths)."""
+        names = [c.name for c in components.trainable]
+        if cfg.strategy == "line_search":
+            if sharded:
+                raise ValueError(
+                    "strategy line_search is not supported with sharded (FSDP) parameters; "
+                    "use strategy=progress or constant"
+                )
+            controller = LineSearchController(
+                names,
+                _anchor(cfg),
+                gain=cfg.linesearch_gain,
+                cut_gain=cfg.linesearch_cut_gain,
+                max_cut=cfg.linesearch_max_cut,
+                max_raise=cfg.linesearch_max_raise,
+                factor_caps=dict(cfg.factor_caps),
+                smoothing=cfg.linesearch_smoothing,
+            )
+            self.paths = PathSnapshot(components, controller.steered, cfg.offload)
+            return controller
+        if cfg.strategy == "progress":
+            return EfficiencyController(
+                names,
+                _anchor(cfg),
+                gamma=cfg.progress_gain,
+                cut_gain=cfg.progress_cut_gain,
+                horizon=cfg.progress_horizon,
+                confidence=cfg.progress_confidence,
+                max_cut=cfg.progress_max_cut,
+                max_raise=cfg.progress_max_raise,
+                guard=cfg.progress_guard,
+                factor_caps=cfg.factor_caps,
+            )
+        return FactorController(
+            names,
+            cfg.effective_control,
+            gamma=cfg.gamma,
+            max_factor=cfg.max_factor,
+            factor_caps=cfg.factor_caps,
+            min_estimates=math.ceil(cfg.window / max(1, every)),
+            replay=cfg.replay,
+        )
 
     def forward(self, batch: Mapping[str, Any], via: nn.Module | None = None) -> torch.Tensor:
         """Training forward through the meter; returns [T, V] supervised logits.

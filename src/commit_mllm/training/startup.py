@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,21 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
         resume_step=start if resume else None,
         config=to_dict(cfg),
     )
+    loader = _batches(cfg, parts, acc, start)
+    params = [p for c in parts.components for p in c.params]
+    s = Session(
+        cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
+    )
+    s.resumed = resume
+    s.resume_changes = suspect_changes(state, to_dict(cfg)) if state is not None else []
+    if state is not None:
+        _restore_counters(s, state, ckpt.name == f"{PREFIX}{start:08d}")
+    return s
+
+
+def _batches(cfg: RunConfig, parts: Assembly, acc: Any, start: int) -> Iterator[dict]:
+    """This rank's micro-batches from step ``start`` on, through a DataLoader."""
+    t = cfg.train
     order = BatchOrder(
         len(parts.train_set), t.batch_size, cfg.run.seed, acc.process_index, acc.num_processes
     )
@@ -109,7 +124,7 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
     data = MicroBatches(
         parts.train_set, parts.collator, order, start * t.grad_accum, total, on_bad, t.grad_accum
     )
-    loader = iter(
+    return iter(
         torch.utils.data.DataLoader(
             data,
             batch_size=None,
@@ -117,22 +132,18 @@ def setup(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = pri
             worker_init_fn=preemption.ignore_in_worker,
         )
     )
-    params = [p for c in parts.components for p in c.params]
-    s = Session(
-        cfg, acc, parts, optimizer, commit, run_logger, params, loader, ddp, start, run_dir, fsdp
+
+
+def _restore_counters(s: Session, state: dict, at_its_step: bool) -> None:
+    """The counters a checkpoint carries; ``at_its_step``: not a copy moved aside."""
+    counters = state.get("counters", {})
+    s.bad_in_a_row, s.skipped_steps, s.skipped_samples, s.dead_in_a_row = (
+        int(counters.get(k, 0))
+        for k in ("bad_in_a_row", "skipped_steps", "skipped_samples", "dead_in_a_row")
     )
-    s.resumed = resume
-    s.resume_changes = suspect_changes(state, to_dict(cfg)) if state is not None else []
-    if state is not None:
-        counters = state.get("counters", {})
-        s.bad_in_a_row, s.skipped_steps, s.skipped_samples, s.dead_in_a_row = (
-            int(counters.get(k, 0))
-            for k in ("bad_in_a_row", "skipped_steps", "skipped_samples", "dead_in_a_row")
-        )
-        s.last_loss = counters.get("last_loss")
-        if ckpt.name == f"{PREFIX}{start:08d}":  # not a copy moved aside by a cut re-save
-            s.saved_step = start
-    return s
+    s.last_loss = counters.get("last_loss")
+    if at_its_step:  # not a copy moved aside by a cut re-save
+        s.saved_step = s.start_step
 
 
 def _enable_feature_cache(parts: Assembly, max_mb: float) -> str:
