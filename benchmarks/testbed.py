@@ -25,7 +25,8 @@ Finished runs (their ``summary.json``) are reused, so an interrupted grid resume
 ``benchmarks/results/testbed-<tag>.json``, ``testbed-<tag>.md`` (tables), plots
 ``testbed-<tag>_<task>-<regime>.png``; ``--headline`` also writes the ``payoff`` entries of
 ``benchmarks/results/headline.json`` (other keys and other grids' cells kept; real parts
-under ``payoff.real``).
+under ``payoff.real``; ``--headline-section NAME``: under ``payoff.NAME``, e.g. a longer run
+of cells the main grid already has).
 """
 
 from __future__ import annotations
@@ -420,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(rows, tag, out)
     plot_factors(rows, tag, out)
     if args.headline:
-        section = None if grid.parts == "tiny" else grid.parts
+        section = args.headline_section or (None if grid.parts == "tiny" else grid.parts)
         print(f"wrote {ts.write_headline(ts.headline(summary, RECOMMENDED), section)}")
     if args.docs:
         print(f"wrote {ts.update_docs(Path(args.docs), tag, table)}")
@@ -448,6 +449,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", help="name of the results files and runs folder")
     p.add_argument("--runs", default=str(ROOT / "runs" / "testbed"), help="runs root")
     p.add_argument("--headline", action="store_true", help="write payoff to headline.json")
+    p.add_argument(
+        "--headline-section",
+        help="write the cells under payoff.NAME (default: the parts' name, none for tiny)",
+    )
     p.add_argument("--results", default=str(RESULTS), help="folder of the results files")
     p.add_argument("--docs", help="a Markdown file whose testbed:TAG block gets the tables")
     p.add_argument("--collect", action="store_true", help="train nothing: read finished runs")

@@ -10,6 +10,8 @@ A *cell* is (task, regime). In each cell:
   projector at the LLM's; ``llava-ov``: tower 0.2x, projector 1x; ``ldog``: layer-wise DoG,
   no rate), and the ``cap`` rule, eta_enc = min(set, eta_llm), scored from constant's cells
   (at ratio r it is constant at min(r, 1)) as its mean over the ratios.
+- the **frozen gap**: constant's best cell minus ``frozen``, per seed, i.e. whether the
+  encoder must learn on this task (:func:`frozen_gap`).
 - the **goal** of a strategy (the balance issue): its mean over the ratios reaches the best
   baseline (on tasks where freezing is right: within :data:`TIE` of it), no run collapses onto
   the language prior, and its run time is within :data:`MAX_TIME` of constant's.
@@ -96,6 +98,9 @@ def summarize(rows: list[dict[str, Any]], must_learn: set[str] = frozenset()) ->
             "strategies": strategies,
             "baselines": baselines,
         }
+        gap = frozen_gap(cell, strategies, entry["text_only"]["mean"])
+        if gap:
+            entry["frozen_gap"] = gap
         if baselines:
             name = max(baselines, key=lambda b: baselines[b]["mean"])
             entry["best_baseline"] = {"name": name, "value": baselines[name]["mean"]}
@@ -106,6 +111,39 @@ def summarize(rows: list[dict[str, Any]], must_learn: set[str] = frozenset()) ->
             }
         out[f"{task}-{regime}"] = entry
     return out
+
+
+def frozen_gap(
+    cell: list[dict[str, Any]], strategies: dict[str, Any], text_only: float | None
+) -> dict[str, Any] | None:
+    """How much training the encoder pays: constant's best cell minus ``frozen``, per seed.
+
+    The must-learn check of the testbed issue (``gap`` >= 0.05 over 3 seeds, text-only below
+    both). Per seed, constant's accuracy at its best ratio minus that seed's ``frozen`` run;
+    ``gap`` is the mean of those, ``gap_std`` their std. None without both.
+    """
+    frozen = {r["seed"]: r["accuracy"] for r in cell if r["strategy"] == "frozen"}
+    if "constant" not in strategies or not frozen:
+        return None
+    best = strategies["constant"]["best_ratio"]
+    trained = {
+        r["seed"]: r["accuracy"]
+        for r in cell
+        if r["strategy"] == "constant" and r["ratio"] == best and r["seed"] in frozen
+    }
+    if not trained:
+        return None
+    gaps = [trained[s] - frozen[s] for s in sorted(trained)]
+    low = min(_mean(trained.values()), _mean(frozen[s] for s in trained))
+    return {
+        "best_constant": _mean(trained.values()),
+        "ratio": best,
+        "frozen": _mean(frozen[s] for s in trained),
+        "gap": _mean(gaps),
+        "gap_std": _std(gaps),
+        "seeds": sorted(trained),
+        "text_only_below_both": None if text_only is None else text_only < low,
+    }
 
 
 def time_ratio(rows: list[dict[str, Any]], strategy: str) -> float | None:
@@ -214,6 +252,8 @@ def headline(summary: dict[str, Any], recommended: str) -> dict[str, Any]:
             cell["best_baseline"] = entry["best_baseline"]
         cell["must_learn"] = entry["must_learn"]
         cell["text_only"] = entry["text_only"]["mean"]
+        if "frozen_gap" in entry:
+            cell["frozen_gap"] = entry["frozen_gap"]
     return payoff
 
 
@@ -257,12 +297,9 @@ def _cost_line(grid: Any, wall: float, rows) -> str:
 def lead_table(summary: dict[str, Any]) -> list[str]:
     """Per cell: the best baseline and each strategy's gap to it (docs/results.md leads)."""
     names = sorted({s for e in summary.values() for s in e.get("goal", {})})
-    lines = [
-        "| task | regime | must learn | text-only | best baseline | "
-        + " | ".join(f"{s} (gap)" for s in names)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * len(names),
-    ]
+    head = ["task", "regime", "must learn", "text-only", "trained - frozen", "best baseline"]
+    head += [f"{s} (gap)" for s in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, e in summary.items():
         if "best_baseline" not in e:
             continue
@@ -273,13 +310,18 @@ def lead_table(summary: dict[str, Any]) -> list[str]:
             g = e["goal"].get(s)
             cells.append("" if g is None else f"{g['mean']:.3f} ({g['gap']:+.3f})")
         text = e["text_only"]["mean"]
-        lines.append(
-            f"| {task} | {regime} | {'yes' if e['must_learn'] else 'no'} | "
-            f"{'' if text is None else f'{text:.3f}'} | {b['name']} {b['value']:.3f} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        row = [task, regime, "yes" if e["must_learn"] else "no"]
+        row += ["" if text is None else f"{text:.3f}", _gap_text(e.get("frozen_gap"))]
+        row += [f"{b['name']} {b['value']:.3f}", *cells]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _gap_text(g: dict[str, Any] | None) -> str:
+    if not g:
+        return ""
+    spread = f" ± {g['gap_std']:.3f}" if len(g["seeds"]) > 1 else " (1 seed)"
+    return f"{g['gap']:+.3f}{spread} (r={g['ratio']:g})"
 
 
 def _strategy_line(task: str, regime: str, s: str, v: dict[str, Any], g: dict | None) -> str:
@@ -335,9 +377,11 @@ def markdown(summary: dict[str, Any], grid: Any, wall: float, rows=()) -> str:
             lines.append(_strategy_line(task, regime, s, v, entry.get("goal", {}).get(s)))
     lines += [
         "",
-        "Lead table: each strategy's mean over the LR ratios and its gap to the cell's best "
-        "baseline. Full table: accuracy is exact match on the held-out questions, mean ± std "
-        "over the seeds, at each ratio eta_enc / eta_llm (ascending); baselines (in italics) "
+        "Lead table: trained - frozen is constant's best cell minus `frozen`, per seed (mean "
+        "± std over seeds): what training the encoder pays. Each strategy's mean over the LR "
+        "ratios and its gap to the cell's best baseline. Full table: accuracy is exact match on "
+        "the held-out questions, mean ± std over the seeds, at each ratio eta_enc / eta_llm "
+        "(ascending); baselines (in italics) "
         "run once per seed: `frozen` (pretrained tower at rate 0, projector at the LLM's), "
         "`llava-ov` (tower 0.2x, projector 1x), `ldog` (layer-wise DoG, no rate), `cap` "
         "(eta_enc = min(set, eta_llm), read off constant's cells) and constant's best cell. "

@@ -196,6 +196,25 @@ def test_the_goal_compares_with_the_best_baseline_and_ties_only_where_freezing_i
     assert "constant" not in easy["goal"]
 
 
+def test_the_frozen_gap_is_constants_best_cell_minus_frozen_seed_by_seed():
+    entry = ts.summarize(_rows())["vision-B"]
+    gaps = [c - f for c, f in zip(CONST[0.1], FROZEN, strict=True)]  # best ratio: 0.1
+    g = entry["frozen_gap"]
+    assert g["ratio"] == 0.1 and g["seeds"] == [0, 1, 2]
+    assert g["gap"] == pytest.approx(statistics.fmean(gaps))
+    assert g["gap_std"] == pytest.approx(statistics.stdev(gaps))
+    assert g["best_constant"] - g["frozen"] == pytest.approx(g["gap"])
+    assert g["text_only_below_both"] is True
+    # a frozen run of a seed constant lacks is left out of both sides
+    extra = [*_rows(), _row("frozen", 1.0, 7, 0.99)]
+    assert ts.summarize(extra)["vision-B"]["frozen_gap"]["seeds"] == [0, 1, 2]
+    no_frozen = [r for r in _rows() if r["strategy"] != "frozen"]
+    assert "frozen_gap" not in ts.summarize(no_frozen)["vision-B"]
+    md = ts.markdown(ts.summarize(_rows()), testbed.Grid(), 60.0, _rows())
+    assert f"{g['gap']:+.3f} ± {g['gap_std']:.3f} (r=0.1)" in md
+    assert ts.headline(ts.summarize(_rows()), "progress")["B"]["vision"]["frozen_gap"] == g
+
+
 def test_a_slow_strategy_misses_the_time_goal():
     rows = [r if r["strategy"] != "progress" else {**r, "seconds": 20.0} for r in _rows()]
     g = ts.summarize(rows)["vision-B"]["goal"]["progress"]
