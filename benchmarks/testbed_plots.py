@@ -33,6 +33,10 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -> list[P
         for i, b in enumerate(sorted({r["strategy"] for r in rs} & set(ts.BASELINES))):
             acc = statistics.fmean(r["accuracy"] for r in rs if r["strategy"] == b)
             axes[0].axhline(acc, color=f"C{7 + i}", ls="--", lw=1, label=f"{b} (recipe)")
+            curve = _mean_curve([r["eval_curve"] for r in rs if r["strategy"] == b])
+            for ax in axes[1:]:  # a recipe has no ratio: its learning curve in every panel
+                if curve:
+                    ax.plot(*curve, color=f"C{7 + i}", ls="--", marker=".", label=f"{b} (recipe)")
         strategies = sorted({r["strategy"] for r in rs} - {ts.TEXT_ONLY, *ts.BASELINES})
         for s in strategies:
             xs = [x for x in ratios if any(r["strategy"] == s and r["ratio"] == x for r in rs)]
@@ -48,13 +52,11 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -> list[P
                 label=s,
             )
             for ax, x in zip(axes[1:], ratios):
-                curves = [r["eval_curve"] for r in rs if r["strategy"] == s and r["ratio"] == x]
-                longest = max((len(c) for c in curves), default=0)
-                curves = [c for c in curves if len(c) == longest]  # the curve seeds only
-                if curves and curves[0]:
-                    steps = [p[0] for p in curves[0]]
-                    mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
-                    ax.plot(steps, mean, marker=".", label=s)
+                curve = _mean_curve(
+                    [r["eval_curve"] for r in rs if r["strategy"] == s and r["ratio"] == x]
+                )
+                if curve:
+                    ax.plot(*curve, marker=".", label=s)
                 ax.set(xlabel="step", ylabel="held-out accuracy", title=f"ratio {x:g}")
         axes[0].set(
             xscale="log",
@@ -63,12 +65,24 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -> list[P
             title=f"{task}, regime {regime}",
         )
         axes[0].legend(fontsize=7)
+        if len(axes) > 1:
+            axes[-1].legend(fontsize=7)
         fig.tight_layout()
         path = out / f"testbed-{tag}_{task}-{regime}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _mean_curve(curves: list[list]) -> tuple[list, list] | None:
+    """(steps, mean accuracy) over the seeds evaluated during the run (the longest curves)."""
+    longest = max((len(c) for c in curves), default=0)
+    curves = [c for c in curves if len(c) == longest]  # the curve seeds only
+    if not longest:
+        return None
+    steps = [p[0] for p in curves[0]]
+    return steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
 
 
 def plot_factors(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -> list[Path]:

@@ -215,6 +215,18 @@ def test_the_frozen_gap_is_constants_best_cell_minus_frozen_seed_by_seed():
     assert ts.headline(ts.summarize(_rows()), "progress")["B"]["vision"]["frozen_gap"] == g
 
 
+def test_a_learning_curve_averages_the_seeds_evaluated_during_the_run(tmp_path):
+    import testbed_plots
+
+    curves = [[[10, 0.5], [20, 0.7]], [[10, 0.7], [20, 0.9]], [[20, 0.1]]]  # last: no curve
+    steps, mean = testbed_plots._mean_curve(curves)
+    assert steps == [10, 20] and mean == pytest.approx([0.6, 0.8])
+    assert testbed_plots._mean_curve([]) is None
+    rows = [{**r, "eval_curve": [[5, r["accuracy"]]]} for r in _rows()]
+    (path,) = testbed_plots.plot(rows, "t", tmp_path)
+    assert path.name == "testbed-t_vision-B.png" and path.stat().st_size > 0  # recipes drawn
+
+
 def test_a_slow_strategy_misses_the_time_goal():
     rows = [r if r["strategy"] != "progress" else {**r, "seconds": 20.0} for r in _rows()]
     g = ts.summarize(rows)["vision-B"]["goal"]["progress"]
