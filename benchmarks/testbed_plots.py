@@ -25,7 +25,10 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -> list[P
         ratios = sorted(
             {r["ratio"] for r in rs if r["strategy"] not in (ts.TEXT_ONLY, *ts.BASELINES)}
         )
-        fig, axes = plt.subplots(1, 1 + len(ratios), figsize=(4.2 * (1 + len(ratios)), 3.6))
+        fig, grid = plt.subplots(
+            1, 1 + len(ratios), figsize=(4.2 * (1 + len(ratios)), 3.6), squeeze=False
+        )
+        axes = list(grid[0])  # a grid of recipes only has no ratio panels
         text = [r["accuracy"] for r in rs if r["strategy"] == ts.TEXT_ONLY]
         for ax in axes:
             if text:

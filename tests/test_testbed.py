@@ -225,6 +225,8 @@ def test_a_learning_curve_averages_the_seeds_evaluated_during_the_run(tmp_path):
     rows = [{**r, "eval_curve": [[5, r["accuracy"]]]} for r in _rows()]
     (path,) = testbed_plots.plot(rows, "t", tmp_path)
     assert path.name == "testbed-t_vision-B.png" and path.stat().st_size > 0  # recipes drawn
+    recipes = [r for r in rows if r["strategy"] in ("frozen", testbed.TEXT_ONLY)]
+    assert testbed_plots.plot(recipes, "r", tmp_path)[0].is_file()  # no strategy, no ratio
 
 
 def test_a_slow_strategy_misses_the_time_goal():
