@@ -120,9 +120,14 @@ def frozen_gap(
 
     The must-learn check of the testbed issue (``gap`` >= 0.05 over 3 seeds, text-only below
     both). Per seed, constant's accuracy at its best ratio minus that seed's ``frozen`` run;
-    ``gap`` is the mean of those, ``gap_std`` their std. None without both.
+    ``gap`` is the mean of those, ``gap_std`` their std. None without both, and in regime A,
+    where ``frozen`` is constant's own run at ratio 1 (the tower is frozen in every run).
     """
-    frozen = {r["seed"]: r["accuracy"] for r in cell if r["strategy"] == "frozen"}
+    frozen = {
+        r["seed"]: r["accuracy"]
+        for r in cell
+        if r["strategy"] == "frozen" and not r.get("alias_of")  # regime A: frozen in every run
+    }
     if "constant" not in strategies or not frozen:
         return None
     best = strategies["constant"]["best_ratio"]

@@ -210,6 +210,10 @@ def test_the_frozen_gap_is_constants_best_cell_minus_frozen_seed_by_seed():
     assert ts.summarize(extra)["vision-B"]["frozen_gap"]["seeds"] == [0, 1, 2]
     no_frozen = [r for r in _rows() if r["strategy"] != "frozen"]
     assert "frozen_gap" not in ts.summarize(no_frozen)["vision-B"]
+    aliased = [
+        {**r, "alias_of": "constant r=1"} if r["strategy"] == "frozen" else r for r in _rows()
+    ]
+    assert "frozen_gap" not in ts.summarize(aliased)["vision-B"]  # regime A: nothing to compare
     md = ts.markdown(ts.summarize(_rows()), testbed.Grid(), 60.0, _rows())
     assert f"{g['gap']:+.3f} ± {g['gap_std']:.3f} (r=0.1)" in md
     assert ts.headline(ts.summarize(_rows()), "progress")["B"]["vision"]["frozen_gap"] == g
