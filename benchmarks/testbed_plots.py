@@ -103,8 +103,10 @@ def plot_factors(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -
         strategies = sorted({r["strategy"] for r in rs})
         if not strategies:
             continue
-        fig, axes = plt.subplots(1, len(strategies), figsize=(5 * len(strategies), 3.6))
-        axes = [axes] if len(strategies) == 1 else list(axes)
+        fig, grid = plt.subplots(
+            1, len(strategies), figsize=(5 * len(strategies), 3.6), squeeze=False
+        )
+        axes = list(grid[0])
         for ax, s in zip(axes, strategies):
             for i, r in enumerate(sorted((r for r in rs if r["strategy"] == s), key=_ratio)):
                 for c, curve in r["factor_curve"].items():

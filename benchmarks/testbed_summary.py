@@ -139,15 +139,17 @@ def frozen_gap(
     if not trained:
         return None
     gaps = [trained[s] - frozen[s] for s in sorted(trained)]
-    low = min(_mean(trained.values()), _mean(frozen[s] for s in trained))
+    best_constant, frozen_mean = _mean(trained.values()), _mean(frozen[s] for s in trained)
     return {
-        "best_constant": _mean(trained.values()),
+        "best_constant": best_constant,
         "ratio": best,
-        "frozen": _mean(frozen[s] for s in trained),
+        "frozen": frozen_mean,
         "gap": _mean(gaps),
         "gap_std": _std(gaps),
         "seeds": sorted(trained),
-        "text_only_below_both": None if text_only is None else text_only < low,
+        "text_only_below_both": (
+            None if text_only is None else text_only < min(best_constant, frozen_mean)
+        ),
     }
 
 
