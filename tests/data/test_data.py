@@ -407,3 +407,31 @@ def test_collator_with_llava_dataset_and_dataloader(tok, image_processor, featur
     batch = collator([audio[0], audio[1]])
     assert batch["input_features"].shape == (2, 80, 10)  # 0.1 s -> 10 frames
     assert sf.info(str(FIXTURES / "beep_8k.wav")).samplerate == 8000
+
+
+def test_make_sample_puts_one_placeholder_per_medium_first_and_the_answer_as_the_gpt_turn():
+    from commit_mllm.data import make_sample
+
+    wave = np.zeros(160, dtype=np.float32)
+    both = make_sample(
+        "s1", "what?", "red", "colour", image="a.png", audio=wave, sampling_rate=16000
+    )
+    assert both["conversations"] == [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n{AUDIO_TOKEN}\nwhat?"},
+        {"from": "gpt", "value": "red"},
+    ]
+    assert (both["id"], both["image"], both["sampling_rate"], both["question_type"]) == (
+        "s1",
+        "a.png",
+        16000,
+        "colour",
+    )
+    assert both["audio"] is wave
+    audio_only = make_sample("s2", "how high?", "low", None, audio=wave, sampling_rate=16000)
+    assert audio_only["conversations"][0]["value"] == f"{AUDIO_TOKEN}\nhow high?"
+    assert audio_only["image"] is None
+    image_only = make_sample("s3", "which shape?", "circle", "shape", image="b.png")
+    assert image_only["conversations"][0]["value"] == f"{IMAGE_TOKEN}\nwhich shape?"
+    assert (image_only["audio"], image_only["sampling_rate"]) == (None, None)
+    text_only = make_sample("s4", "hi?", "yes", None)
+    assert text_only["conversations"][0]["value"] == "hi?"

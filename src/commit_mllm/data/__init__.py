@@ -38,6 +38,7 @@ from commit_mllm.data.media import (
     resample,
     write_wav,
 )
+from commit_mllm.data.sample import make_sample
 from commit_mllm.data.tokenizer import (
     AUDIO_TOKEN,
     IMAGE_TOKEN,
@@ -65,6 +66,7 @@ __all__ = [
     "load_image",
     "load_llava",
     "load_tokenizer",
+    "make_sample",
     "read_rows",
     "reference_answer",
     "resample",

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from commit_mllm.data.sample import make_sample
+
 YES_NO = "yes/no"
 NEGATION = "negation"
 COLOUR = "colour"
@@ -95,17 +97,9 @@ def load_easy_vqa(
         rng = np.random.default_rng(seed)
         keep = sorted(rng.choice(keep, size=max_samples, replace=False).tolist())
     return [
-        {
-            "id": f"easy-vqa-{split}-{i}",
-            "image": paths[ids[i]],
-            "audio": None,
-            "sampling_rate": None,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{qs[i]}"},
-                {"from": "gpt", "value": ans[i]},
-            ],
-            "question_type": question_type(qs[i]),
-        }
+        make_sample(
+            f"easy-vqa-{split}-{i}", qs[i], ans[i], question_type(qs[i]), image=paths[ids[i]]
+        )
         for i in keep
     ]
 

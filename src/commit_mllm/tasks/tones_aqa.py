@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from commit_mllm.data.sample import make_sample
+
 SAMPLING_RATE = 16_000
 COUNT, PITCH, LOUDNESS, DURATION = "count", "pitch", "loudness", "duration"
 QUESTION_TYPES = (COUNT, PITCH, LOUDNESS, DURATION)
@@ -181,17 +183,10 @@ class TonesAQA(Dataset):
         answer = answers[(index // len(self.types)) % len(answers)]
         rng = np.random.default_rng([self.seed, _SPLIT_INDEX[self.split], index])
         clip, question = synthesize(qtype, answer, rng)
-        return {
-            "id": f"tones-aqa-{self.split}-{self.seed}-{index}",
-            "image": None,
-            "audio": clip,
-            "sampling_rate": SAMPLING_RATE,
-            "conversations": [
-                {"from": "human", "value": f"<audio>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "question_type": qtype,
-        }
+        sample_id = f"tones-aqa-{self.split}-{self.seed}-{index}"
+        return make_sample(
+            sample_id, question, answer, qtype, audio=clip, sampling_rate=SAMPLING_RATE
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Iterate over all samples."""

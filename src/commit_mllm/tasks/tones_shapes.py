@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from commit_mllm.data.sample import make_sample
 from commit_mllm.tasks.tones_aqa import (
     _SPLIT_INDEX,
     SAMPLING_RATE,
@@ -207,17 +208,15 @@ class TonesShapes(Dataset):
             shape, colour, clip, question, answer = _select_sample(case, rng)
         else:
             shape, colour, clip, question, answer = _count_sample(k, rng)
-        return {
-            "id": f"tones-shapes-{self.split}-{self.seed}-{index}",
-            "image": render_shape(shape, colour, rng),
-            "audio": clip,
-            "sampling_rate": SAMPLING_RATE,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n<audio>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "question_type": qtype,
-        }
+        return make_sample(
+            f"tones-shapes-{self.split}-{self.seed}-{index}",
+            question,
+            answer,
+            qtype,
+            image=render_shape(shape, colour, rng),
+            audio=clip,
+            sampling_rate=SAMPLING_RATE,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Iterate over all samples."""
