@@ -302,3 +302,33 @@ def test_tones_shapes_trains_three_components(tmp_path):
         assert last[f"D/{c}"] > 0 and math.isfinite(last[f"kappa_c/{c}"]), c
     assert last["kappa"] is None  # no pair of three components
     assert {"accuracy/and", "accuracy/select", "accuracy/count"} <= set(summary)
+
+
+def test_freeze_encoder_freezes_a_lora_tower_entirely(tmp_path):
+    """``train.freeze_encoder=true`` leaves nothing of the tower trainable, its LoRA included."""
+    text = (
+        Path(TINY)
+        .read_text()
+        .replace(
+            "    vision_projector: {type: mlp}",
+            "    vision_projector: {type: mlp}\n"
+            "    vision:\n"
+            "      freeze: true\n"
+            "      lora: {r: 2, alpha: 4, dropout: 0.0, target_modules: [q_proj, v_proj]}",
+        )
+    )
+    cfg_path = tmp_path / "lora_tower.yaml"
+    cfg_path.write_text(text)
+    base = [f"run.output_dir={tmp_path / 'run'}", *QUIET]
+
+    def tower_trainable(over):
+        s = setup(load_config(cfg_path, [*base, *over]), log=lambda _: None)
+        model = s.parts.model
+        return [n for n, p in model.vision_encoder.named_parameters() if p.requires_grad]
+
+    adapters = tower_trainable([])
+    assert adapters and all("lora_" in n for n in adapters)  # the config's LoRA trains
+    assert tower_trainable(["train.freeze_encoder=true"]) == []
+    assert tower_trainable(["train.freeze_vision_tower=true"]) == []
+    names = setup(load_config(cfg_path, [*base, "train.freeze_encoder=true"]), log=lambda _: None)
+    assert all(n.startswith("vision_projector.") for n in names.parts.components["encoder"].names)

@@ -179,7 +179,8 @@ class TrainSection:
         projector_lr: Base LR of the projector component (``projector_side: own``).
         llm_lr: Base LR of the LLM component (None = ``lr``).
         component_lrs: Base LR by component name (any components; overrides the above).
-        freeze_encoder: Freeze the encoder(s) (None = as the model config says).
+        freeze_encoder: Freeze the encoder(s), LoRA adapters included: ``true`` drops a
+            LoRA the model config puts on a tower (None = as the model config says).
         freeze_projector: Freeze the projector(s).
         freeze_llm: Freeze the LLM's base weights (its LoRA adapters still train).
         weight_decay: AdamW weight decay.

@@ -291,12 +291,20 @@ def _preset(cfg: RunConfig, modality: str) -> tuple[MLLMConfig, TokenizerSource,
 
 
 def _apply_freeze(mcfg: MLLMConfig, cfg: RunConfig) -> None:
-    """``train.freeze_*`` (and their framework aliases) over the model config's flags."""
+    """``train.freeze_*`` (and their framework aliases) over the model config's flags.
+
+    ``train.freeze_encoder=true`` freezes the whole tower, adapters included: a LoRA the model
+    config puts on it is dropped, as LLaMA-Factory's ``freeze_vision_tower`` keeps LoRA off the
+    tower. Otherwise a "frozen" tower would still train through its adapters.
+    ``train.freeze_llm`` only freezes the LLM's base weights (its LoRA is how it trains).
+    """
     t = cfg.train
     if t.freeze_llm is not None:
         mcfg.llm.freeze = t.freeze_llm
     for part in (mcfg.vision, mcfg.audio):
         if part is not None and t.freeze_encoder is not None:
             part.freeze = t.freeze_encoder
+            if t.freeze_encoder:
+                part.lora = None
     if t.freeze_projector is not None:
         mcfg.vision_projector.freeze = mcfg.audio_projector.freeze = t.freeze_projector
