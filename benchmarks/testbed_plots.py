@@ -37,8 +37,8 @@ def plot(rows: list[dict[str, Any]], tag: str, out: Path = ts.RESULTS) -> list[P
             acc = statistics.fmean(r["accuracy"] for r in rs if r["strategy"] == b)
             axes[0].axhline(acc, color=f"C{7 + i}", ls="--", lw=1, label=f"{b} (recipe)")
             curve = _mean_curve([r["eval_curve"] for r in rs if r["strategy"] == b])
-            for ax in axes[1:]:  # a recipe has no ratio: its learning curve in every panel
-                if curve:
+            if curve:  # a recipe has no ratio: its learning curve in every panel
+                for ax in axes[1:]:
                     ax.plot(*curve, color=f"C{7 + i}", ls="--", marker=".", label=f"{b} (recipe)")
         strategies = sorted({r["strategy"] for r in rs} - {ts.TEXT_ONLY, *ts.BASELINES})
         for s in strategies:

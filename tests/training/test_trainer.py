@@ -321,14 +321,16 @@ def test_freeze_encoder_freezes_a_lora_tower_entirely(tmp_path):
     cfg_path.write_text(text)
     base = [f"run.output_dir={tmp_path / 'run'}", *QUIET]
 
-    def tower_trainable(over):
-        s = setup(load_config(cfg_path, [*base, *over]), log=lambda _: None)
-        model = s.parts.model
-        return [n for n, p in model.vision_encoder.named_parameters() if p.requires_grad]
+    def built(over):
+        return setup(load_config(cfg_path, [*base, *over]), log=lambda _: None).parts
 
-    adapters = tower_trainable([])
+    def tower_trainable(parts):
+        tower = parts.model.vision_encoder
+        return [n for n, p in tower.named_parameters() if p.requires_grad]
+
+    adapters = tower_trainable(built([]))
     assert adapters and all("lora_" in n for n in adapters)  # the config's LoRA trains
-    assert tower_trainable(["train.freeze_encoder=true"]) == []
-    assert tower_trainable(["train.freeze_vision_tower=true"]) == []
-    names = setup(load_config(cfg_path, [*base, "train.freeze_encoder=true"]), log=lambda _: None)
-    assert all(n.startswith("vision_projector.") for n in names.parts.components["encoder"].names)
+    frozen = built(["train.freeze_encoder=true"])
+    assert tower_trainable(frozen) == []
+    assert all(n.startswith("vision_projector.") for n in frozen.components["encoder"].names)
+    assert tower_trainable(built(["train.freeze_vision_tower=true"])) == []
